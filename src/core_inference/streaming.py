@@ -1,0 +1,183 @@
+"""Helpers every backend shares: whole-UTF-8 text, stop strings, metrics timing, slots."""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .context import Context
+from .errors import ModelClosed
+from .types import GenerateConfig, GenerateMetrics, Token
+
+
+class Utf8Holdback:
+    """Decodes token byte pieces, holding back a character split across tokens."""
+
+    __slots__ = ("_decode",)
+
+    def __init__(self) -> None:
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+
+    def feed(self, piece: bytes) -> str:
+        """Text completed by ``piece`` (may be empty while a character is incomplete)."""
+        return self._decode(piece)
+
+    def flush(self) -> str:
+        """Whatever is still held back, with U+FFFD for an incomplete tail."""
+        return self._decode(b"", True)
+
+
+class StopMatcher:
+    """Finds stop strings across token boundaries, holding back a possible stop prefix."""
+
+    __slots__ = ("_stops", "_buf")
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self._stops = tuple(stops)
+        self._buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        buf = self._buf + text
+        cut = -1
+        for stop in self._stops:
+            i = buf.find(stop)
+            if i != -1 and (cut == -1 or i < cut):
+                cut = i
+        if cut != -1:
+            self._buf = ""
+            return buf[:cut], True
+        hold = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), hold, -1):
+                if buf.endswith(stop[:k]):
+                    hold = k
+                    break
+        self._buf = buf[len(buf) - hold :] if hold else ""
+        return (buf[: len(buf) - hold] if hold else buf), False
+
+    def flush(self) -> str:
+        """Text held back at the end of the stream (no stop string followed)."""
+        buf, self._buf = self._buf, ""
+        return buf
+
+
+@dataclass
+class MetricsRecorder:
+    """Collects one call's counts and times; backends may fill in engine timings."""
+
+    start: float = field(default_factory=time.perf_counter)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_end: float = 0.0
+    first_token: float = 0.0
+    end: float = 0.0
+    prefill_duration: float | None = None
+    decode_duration: float | None = None
+    peak_memory_bytes: int = 0
+    active_memory_bytes: int = 0
+
+    def prefill_done(self, prompt_tokens: int) -> None:
+        """Mark the end of prefill."""
+        self.prompt_tokens = prompt_tokens
+        self.prefill_end = time.perf_counter()
+
+    def finish(self) -> GenerateMetrics:
+        """Freeze into a ``GenerateMetrics``."""
+        end = self.end or time.perf_counter()
+        prefill_end = self.prefill_end or self.first_token or end
+        prefill = self.prefill_duration if self.prefill_duration is not None else prefill_end - self.start
+        decode = self.decode_duration if self.decode_duration is not None else end - prefill_end
+        ttft = (self.first_token - self.start) if self.first_token else 0.0
+        return GenerateMetrics(
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated_tokens,
+            prefill_duration=prefill,
+            decode_duration=decode,
+            total_duration=end - self.start,
+            time_to_first_token=ttft,
+            prefill_tokens_per_sec=self.prompt_tokens / prefill if prefill > 0 else 0.0,
+            decode_tokens_per_sec=self.generated_tokens / decode if decode > 0 else 0.0,
+            peak_memory_bytes=self.peak_memory_bytes,
+            active_memory_bytes=self.active_memory_bytes,
+        )
+
+
+Piece = tuple[int, "bytes | str"]
+
+
+def finish_tokens(
+    pieces: Iterator[Piece],
+    cfg: GenerateConfig,
+    ctx: Context,
+    rec: MetricsRecorder,
+    closed: threading.Event | None = None,
+) -> Iterator[Token]:
+    """Turn an engine's raw (id, bytes) stream into contract ``Token``s.
+
+    Applies max_tokens, stop token ids (not yielded), whole-UTF-8 text, stop strings
+    (the text before the stop is yielded) and the context/closed checks between tokens.
+    A token whose bytes end mid-character carries "" and the next one the whole
+    character; text held back as a possible stop prefix that no stop followed comes
+    as a last token with the id of the token before it.
+    """
+    if cfg.max_tokens == 0:
+        return
+    stop_ids = frozenset(cfg.stop_tokens)
+    utf8 = Utf8Holdback()
+    matcher = StopMatcher(cfg.stop) if cfg.stop else None
+    background = ctx is Context.background()
+    last_id = -1
+    count = 0
+    for tid, piece in pieces:
+        if not background:
+            ctx.raise_if_done()
+        if closed is not None and closed.is_set():
+            raise ModelClosed("model closed during the call")
+        if tid in stop_ids:
+            break
+        count += 1
+        if count == 1:
+            rec.first_token = time.perf_counter()
+        rec.generated_tokens = count
+        text = piece if isinstance(piece, str) else utf8.feed(piece)
+        last_id = tid
+        if matcher is not None:
+            text, stopped = matcher.feed(text)
+            if stopped:
+                if text:
+                    yield Token(tid, text)
+                return
+        yield Token(tid, text)
+        if count >= cfg.max_tokens:
+            break
+    # Bytes of a character the stream never completed are dropped; text held back
+    # as a possible stop-string prefix is not: it comes as one last token.
+    if matcher is not None:
+        tail = matcher.flush()
+        if tail:
+            yield Token(last_id, tail)
+
+
+class SlotQueue:
+    """At most ``n`` calls run at once; the rest wait their turn, cancellable by context."""
+
+    def __init__(self, n: int) -> None:
+        self.size = max(1, n)
+        self._sem = threading.Semaphore(self.size)
+
+    def acquire(self, ctx: Context, closed: threading.Event) -> None:
+        """Wait for a free slot, or raise if the context ends or the model closes."""
+        if self._sem.acquire(blocking=False):
+            return
+        while not self._sem.acquire(timeout=0.02):
+            ctx.raise_if_done()
+            if closed.is_set():
+                raise ModelClosed("model closed while waiting for a slot")
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self._sem.release()
