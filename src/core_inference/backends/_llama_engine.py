@@ -1,0 +1,236 @@
+"""Thin wrapper over llama-cpp-python's low-level bindings: model, contexts, batches, samplers.
+
+Imported only when the ``llama_cpp`` backend loads a model. Everything here runs under
+the caller's engine lock; it knows nothing of the contract's streams or options.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from llama_cpp import llama_cpp as L
+
+from ..errors import InferenceError, ModelLoadError
+from ..types import GenerateConfig
+
+log = logging.getLogger("core_inference.llama_cpp")
+
+_LEVELS = {4: logging.WARNING}  # ggml: 1 debug, 2 info, 3 warn, 4 error, 5 continued
+_backend_ready = threading.Lock()
+_initialised = False
+
+
+@L.llama_log_callback  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    log.log(_LEVELS.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
+
+
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its log into ``logging``."""
+    global _initialised
+    with _backend_ready:
+        if not _initialised:
+            L.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            L.llama_backend_init()
+            _initialised = True
+
+
+class Batch:
+    """A reusable ``llama_batch`` for up to ``capacity`` tokens, one sequence id each."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = L.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token; returns its index in the batch (for reading logits)."""
+        i = self.n
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq
+        raw.logits[i] = logits
+        self.n = i + 1
+        return i
+
+    def free(self) -> None:
+        if self.raw is not None:
+            L.llama_batch_free(self.raw)
+            self.raw = None
+
+
+class Context:
+    """A llama.cpp context (KV cache for ``n_seq`` sequences) with its batch."""
+
+    def __init__(self, model: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> None:
+        params = L.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = False
+        params.kv_unified = False
+        params.swa_full = False
+        self.ptr = L.llama_init_from_model(model, params)
+        if not self.ptr:
+            raise InferenceError(f"llama.cpp could not create a context of {n_ctx} tokens x {n_seq} sequences")
+        self.n_ctx = int(L.llama_n_ctx(self.ptr))
+        self.n_seq = n_seq
+        self.per_seq = self.n_ctx // n_seq
+        self.n_batch = n_batch
+        self.memory = L.llama_get_memory(self.ptr)
+        self.batch = Batch(n_batch)
+
+    def clear_seq(self, seq: int) -> None:
+        L.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def decode(self) -> None:
+        """Run the filled batch through the model."""
+        self.batch.raw.n_tokens = self.batch.n
+        rc = L.llama_decode(self.ptr, self.batch.raw)
+        if rc != 0:
+            raise InferenceError(f"llama_decode failed with code {rc} (KV cache full or bad batch)")
+
+    def logits(self, index: int, n_vocab: int) -> Any:
+        """A copy of the logits of output ``index`` of the last batch, as a numpy array."""
+        import numpy as np
+
+        ptr = L.llama_get_logits_ith(self.ptr, index)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    def perf(self) -> tuple[float, float, int, int]:
+        """(prefill seconds, decode seconds, prefill tokens, decoded tokens) since the last reset."""
+        data = L.llama_perf_context(self.ptr)
+        return data.t_p_eval_ms / 1e3, data.t_eval_ms / 1e3, data.n_p_eval, data.n_eval
+
+    def perf_reset(self) -> None:
+        L.llama_perf_context_reset(self.ptr)
+
+    def free(self) -> None:
+        self.batch.free()
+        if self.ptr:
+            L.llama_free(self.ptr)
+            self.ptr = None
+
+
+class Model:
+    """A loaded GGUF model: vocabulary, tokenizer, detokenizer and sampler factory."""
+
+    def __init__(self, path: str, gpu_layers: int) -> None:
+        init_backend()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+        self.ptr = L.llama_model_load_from_file(path.encode(), params)
+        if not self.ptr:
+            raise ModelLoadError(
+                f"{path}: llama.cpp could not load the model (unsupported architecture, "
+                "tensor types or corrupt data; run with logging at DEBUG for its reasons)"
+            )
+        self.vocab = L.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(L.llama_model_n_ctx_train(self.ptr))
+        self._pieces: dict[int, bytes] = {}
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise InferenceError(f"tokenization failed ({n})")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (control tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            cached = buf.raw[: max(n, 0)]
+            self._pieces[token] = cached
+        return cached
+
+    def special_text(self, token: int) -> str:
+        """The text of a token with control tokens rendered (e.g. "<bos>")."""
+        buf = ctypes.create_string_buffer(256)
+        n = L.llama_token_to_piece(self.vocab, token, buf, 256, 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    def single_token(self, text: str) -> int | None:
+        """The id of a special token written as ``text``, or None if the vocabulary lacks it."""
+        ids = self.tokenize(text, add_special=False, parse_special=True)
+        if len(ids) == 1 and self.special_text(ids[0]) == text:
+            return ids[0]
+        return None
+
+    @property
+    def bos(self) -> int:
+        return int(L.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos(self) -> int:
+        return int(L.llama_vocab_eos(self.vocab))
+
+    def new_context(self, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> Context:
+        return Context(self.ptr, n_ctx, n_seq, n_batch, threads)
+
+    def free(self) -> None:
+        if self.ptr:
+            L.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Sampler:
+    """A llama.cpp sampler chain built from a ``GenerateConfig``: sampling runs in C."""
+
+    def __init__(self, cfg: GenerateConfig, seed: int | None = None) -> None:
+        params = L.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self.ptr = L.llama_sampler_chain_init(params)
+        add: Callable[[Any], None] = lambda s: L.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        if cfg.repeat_penalty and cfg.repeat_penalty != 1.0:
+            add(L.llama_sampler_init_penalties(64, cfg.repeat_penalty, 0.0, 0.0))
+        if cfg.temperature == 0.0:
+            add(L.llama_sampler_init_greedy())
+        else:
+            if cfg.top_k:
+                add(L.llama_sampler_init_top_k(cfg.top_k))
+            if cfg.top_p:
+                add(L.llama_sampler_init_top_p(cfg.top_p, 1))
+            add(L.llama_sampler_init_temp(cfg.temperature))
+            chosen = cfg.seed if cfg.seed is not None else seed
+            add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if chosen is None else chosen))
+
+    def accept_all(self, tokens: Sequence[int]) -> None:
+        """Feed prompt tokens to stateful samplers (the repeat penalty's history)."""
+        for t in tokens:
+            L.llama_sampler_accept(self.ptr, t)
+
+    def sample(self, ctx: Context, index: int) -> int:
+        return int(L.llama_sampler_sample(self.ptr, ctx.ptr, index))
+
+    def free(self) -> None:
+        if self.ptr:
+            L.llama_sampler_free(self.ptr)
+            self.ptr = None

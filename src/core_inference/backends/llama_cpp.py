@@ -1,0 +1,354 @@
+"""The ``llama_cpp`` backend: GGUF models through llama-cpp-python's low-level bindings.
+
+Sampling runs in llama.cpp's C sampler chain (no Python pass over the vocabulary),
+prompts are prefilled in chunks with the context checked between them, ``classify``
+packs prompts as separate sequences of one batch, and ``batch_generate`` decodes every
+prompt together, one batch per step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ..backend import BaseBackend
+from ..context import Context
+from ..errors import ContextLengthExceeded, ModelClosed
+from ..gguf import GGML_TYPES, GGUFHeader, read_gguf
+from ..memory import cpu_count, process_memory
+from ..model import BaseModel
+from ..streaming import MetricsRecorder, Piece, finish_tokens
+from ..templates import builtin_template, no_template_error, render_jinja
+from ..types import BatchResult, ClassifyResult, GenerateConfig, LoadConfig, Message, ModelInfo, Token
+
+DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
+PREFILL_CHUNK = 128  # prompt tokens per decode: the cancellation grain of prefill
+CLASSIFY_SEQS = 32  # prompts packed into one classify batch
+
+
+class LlamaCppBackend(BaseBackend):
+    """GGUF files on llama.cpp: CPU here; Metal, CUDA, ROCm or Vulkan where it was built so."""
+
+    name = "llama_cpp"
+    extra = "llama-cpp"
+    engine_modules = ("llama_cpp",)
+    formats = ("gguf",)
+
+    def _load(self, path: str, cfg: LoadConfig) -> LlamaCppModel:
+        header = read_gguf(path)  # llama.cpp can abort the process on a malformed file
+        return LlamaCppModel(path, header, cfg)
+
+
+class LlamaCppModel(BaseModel):
+    """A GGUF model loaded in llama.cpp, serving ``parallel_slots`` sequences at once."""
+
+    def __init__(self, path: str, header: GGUFHeader, cfg: LoadConfig) -> None:
+        from . import _llama_engine as engine
+
+        slots = cfg.parallel_slots or 1
+        super().__init__(slots)
+        self.path = path
+        self.header = header
+        self.model_type = header.architecture
+        self.threads = cfg.threads or cpu_count()
+        self.prefill_chunk = int(cfg.engine_options.get("prefill_chunk", PREFILL_CHUNK))
+        self._engine = engine
+        self._lock = threading.Lock()  # one llama.cpp call at a time on this model
+        self._model = engine.Model(path, cfg.gpu_layers)
+        train = self._model.n_ctx_train or DEFAULT_CONTEXT
+        self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
+        self._ctx = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
+        self._free_seqs = list(range(slots))
+        self._batch_ctx: Any = None
+        self._template = self._find_template()
+
+    # -- prompts and templates ---------------------------------------------------------
+
+    def _find_template(self) -> Any:
+        if self.header.chat_template:
+            return None
+        return builtin_template(self.model_type, lambda t: self._model.single_token(t) is not None)
+
+    def chat_prompt(self, messages: list[Message]) -> str:
+        source = self.header.chat_template
+        if source:
+            bos, eos = self._model.special_text(self._model.bos), self._model.special_text(self._model.eos)
+            return render_jinja(source, messages, bos, eos)
+        if self._template is None:
+            raise no_template_error(self.path, self.model_type)
+        return str(self._template.render(messages))
+
+    def _end_of_turn_ids(self) -> frozenset[int]:
+        if self._template is None:
+            return frozenset()
+        ids = (self._model.single_token(t) for t in self._template.end_of_turn)
+        return frozenset(i for i in ids if i is not None)
+
+    def _prompt_tokens(self, text: str, templated: bool) -> list[int]:
+        tokens = self._model.tokenize(text, add_special=not templated)
+        if len(tokens) + 1 > self.context_len:
+            raise ContextLengthExceeded(len(tokens), self.context_len)
+        return tokens
+
+    # -- streaming generation ----------------------------------------------------------
+
+    def _engine_generate(
+        self, prompt: str, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> Iterator[Piece]:
+        return self._decode_stream(prompt, False, cfg, ctx, rec)
+
+    def _engine_chat(
+        self, messages: list[Message], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> Iterator[Piece]:
+        return self._decode_stream(self.chat_prompt(messages), True, cfg, ctx, rec)
+
+    def _decode_stream(
+        self, text: str, templated: bool, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> Iterator[Piece]:
+        tokens = self._prompt_tokens(text, templated)
+        stop = self._end_of_turn_ids() if templated else frozenset()
+        seq = self._free_seqs.pop()
+        sampler = self._engine.Sampler(cfg)
+        llama, model = self._ctx, self._model
+        try:
+            sampler.accept_all(tokens)
+            with self._lock:
+                llama.clear_seq(seq)
+                exclusive = len(self._free_seqs) == self._slots.size - 1
+                if exclusive:
+                    llama.perf_reset()
+            tid = self._prefill(tokens, seq, ctx, sampler)
+            rec.prefill_done(len(tokens))
+            pos = len(tokens)
+            limit = min(cfg.max_tokens, llama.per_seq - pos)
+            batch = llama.batch
+            for n in range(1, limit + 1):
+                if model.is_eog(tid) or tid in stop:
+                    break
+                yield tid, model.piece(tid)
+                if n == limit:
+                    break
+                with self._lock:  # decode and sample together: logits belong to the last decode
+                    batch.clear()
+                    batch.add(tid, pos, seq, True)
+                    llama.decode()
+                    tid = sampler.sample(llama, 0)
+                pos += 1
+            if exclusive:
+                self._fill_engine_timings(rec)
+        finally:
+            sampler.free()
+            with self._lock:
+                if self._ctx is not None:
+                    llama.clear_seq(seq)
+            self._free_seqs.append(seq)
+            rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
+
+    def _prefill(self, tokens: list[int], seq: int, ctx: Context, sampler: Any) -> int:
+        """Decode the prompt in chunks, checking the context between them; sample the first token."""
+        llama = self._ctx
+        step = max(1, min(self.prefill_chunk, llama.n_batch))
+        for start in range(0, len(tokens), step):
+            ctx.raise_if_done()
+            if self._closed.is_set():
+                raise ModelClosed("model closed during prefill")
+            chunk = tokens[start : start + step]
+            with self._lock:
+                batch = llama.batch
+                batch.clear()
+                for i, t in enumerate(chunk):
+                    batch.add(t, start + i, seq, start + i == len(tokens) - 1)
+                llama.decode()
+                if start + step >= len(tokens):
+                    return int(sampler.sample(llama, batch.n - 1))
+        raise ValueError("prompt: no tokens to decode")
+
+    def _fill_engine_timings(self, rec: MetricsRecorder) -> None:
+        with self._lock:
+            prefill, decode, _, _ = self._ctx.perf()
+        rec.prefill_duration, rec.decode_duration = prefill, decode
+
+    # -- classify and batch generation -------------------------------------------------
+
+    def _batch_context(self, n_seq: int, per_seq: int) -> Any:
+        """A context for packed batches, grown (recreated) when a call needs more room."""
+        have = self._batch_ctx
+        if have is not None and have.n_seq >= n_seq and have.per_seq >= per_seq:
+            return have
+        if have is not None:
+            have.free()
+        per_seq = max(per_seq, have.per_seq if have else 0)
+        n_seq = max(n_seq, have.n_seq if have else 0)
+        n_batch = min(max(512, n_seq), 4096)
+        self._batch_ctx = self._model.new_context(n_seq * per_seq, n_seq, n_batch, self.threads)
+        return self._batch_ctx
+
+    def _classify(
+        self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> list[ClassifyResult]:
+        encoded = [self._prompt_tokens(p, False) for p in prompts]
+        results: list[ClassifyResult] = []
+        for start in range(0, len(encoded), CLASSIFY_SEQS):
+            group = encoded[start : start + CLASSIFY_SEQS]
+            results += self._classify_group(group, cfg, ctx)
+        rec.prompt_tokens = sum(map(len, encoded))
+        rec.prefill_end = time.perf_counter()
+        return results
+
+    def _classify_group(
+        self, group: list[list[int]], cfg: GenerateConfig, ctx: Context
+    ) -> list[ClassifyResult]:
+        ctx.raise_if_done()
+        per_seq = _round_up(max(map(len, group)) + 1, 64)
+        with self._lock:
+            llama = self._batch_context(CLASSIFY_SEQS, per_seq)
+            llama.perf_reset()
+            outputs = self._pack_prefill(llama, group, ctx)
+            out = []
+            for index in outputs:
+                sampler = self._engine.Sampler(cfg)
+                try:
+                    tid = sampler.sample(llama, index)
+                finally:
+                    sampler.free()
+                logits = llama.logits(index, self._model.n_vocab) if cfg.return_logits else None
+                out.append(ClassifyResult(Token(tid, self._model.piece(tid).decode("utf-8", "replace")), logits))
+            for seq in range(len(group)):
+                llama.clear_seq(seq)
+        return out
+
+    def _pack_prefill(self, llama: Any, prompts: list[list[int]], ctx: Context) -> list[int]:
+        """Prefill prompts as sequences 0..n-1, packed into as few batches as fit.
+
+        Returns, per prompt, the batch index of its last position's logits. Only the
+        last batch's outputs are readable, so every prompt's last token goes there.
+        """
+        batch = llama.batch
+        lasts = [(seq, len(p) - 1, p[-1]) for seq, p in enumerate(prompts)]
+        bodies = [(seq, pos, t) for seq, p in enumerate(prompts) for pos, t in enumerate(p[:-1])]
+        for start in range(0, len(bodies), llama.n_batch):
+            ctx.raise_if_done()
+            batch.clear()
+            for seq, pos, t in bodies[start : start + llama.n_batch]:
+                batch.add(t, pos, seq, False)
+            llama.decode()
+        batch.clear()
+        outputs = [batch.add(t, pos, seq, True) for seq, pos, t in lasts]
+        llama.decode()
+        return outputs
+
+    def _batch_generate(
+        self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> list[BatchResult]:
+        errors: dict[int, BaseException] = {}
+        encoded: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            try:
+                encoded[i] = self._prompt_tokens(p, False)
+            except Exception as exc:  # one bad prompt does not sink the batch
+                errors[i] = exc
+        raw = self._decode_together(encoded, cfg, ctx, rec) if encoded else {}
+        results = []
+        for i in range(len(prompts)):
+            if i in errors:
+                results.append(BatchResult(err=errors[i]))
+                continue
+            tokens = tuple(finish_tokens(iter(raw[i]), cfg, ctx, MetricsRecorder()))
+            results.append(BatchResult(tokens))
+        rec.generated_tokens = sum(len(r.tokens) for r in results)
+        return results
+
+    def _decode_together(
+        self, encoded: dict[int, list[int]], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> dict[int, list[Piece]]:
+        keys = list(encoded)
+        prompts = [encoded[k] for k in keys]
+        per_seq = _round_up(max(map(len, prompts)) + cfg.max_tokens + 1, 64)
+        out: dict[int, list[Piece]] = {k: [] for k in keys}
+        samplers = [self._engine.Sampler(cfg) for _ in keys]
+        try:
+            for s, p in zip(samplers, prompts):
+                s.accept_all(p)
+            with self._lock:
+                llama = self._batch_context(len(keys), per_seq)
+                outputs = self._pack_prefill(llama, prompts, ctx)
+            rec.prefill_done(sum(map(len, prompts)))
+            live = {seq: (outputs[seq], len(prompts[seq])) for seq in range(len(keys))}
+            texts = {seq: "" for seq in live}
+            stop_ids = frozenset(cfg.stop_tokens)
+            while live:
+                ctx.raise_if_done()
+                if self._closed.is_set():
+                    raise ModelClosed("model closed during batch_generate")
+                with self._lock:
+                    picks = {seq: samplers[seq].sample(llama, idx) for seq, (idx, _) in live.items()}
+                    llama.batch.clear()
+                    nxt = {}
+                    for seq, tid in picks.items():
+                        pos = live[seq][1]
+                        if self._model.is_eog(tid) or tid in stop_ids:
+                            continue
+                        piece = self._model.piece(tid)
+                        out[keys[seq]].append((tid, piece))
+                        texts[seq] += piece.decode("utf-8", "ignore")
+                        done = len(out[keys[seq]]) >= cfg.max_tokens or pos + 1 >= llama.per_seq
+                        if done or (cfg.stop and any(s in texts[seq] for s in cfg.stop)):
+                            continue
+                        nxt[seq] = (llama.batch.add(tid, pos, seq, True), pos + 1)
+                    if nxt:
+                        llama.decode()
+                    for seq in set(live) - set(nxt):
+                        llama.clear_seq(seq)
+                    live = nxt
+        finally:
+            for s in samplers:
+                s.free()
+            with self._lock:
+                if self._batch_ctx is not None:
+                    for seq in range(len(keys)):
+                        self._batch_ctx.clear_seq(seq)
+        return out
+
+    # -- description and teardown ------------------------------------------------------
+
+    def info(self) -> ModelInfo:
+        h = self.header
+        quant, bits = h.file_type
+        return ModelInfo(
+            architecture=h.architecture,
+            vocab_size=self._model.n_vocab if self._model.ptr else h.vocab_size,
+            num_layers=int(h.arch_value("block_count", 0)),
+            hidden_size=int(h.arch_value("embedding_length", 0)),
+            context_length=int(h.arch_value("context_length", 0)),
+            quant_bits=bits,
+            quant_group=_quant_group(quant),
+            quant_type=quant,
+        )
+
+    def _close_engine(self) -> None:
+        with self._lock:
+            if self._batch_ctx is not None:
+                self._batch_ctx.free()
+                self._batch_ctx = None
+            if self._ctx is not None:
+                self._ctx.free()
+                self._ctx = None
+            self._model.free()
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+def _quant_group(quant: str) -> int:
+    """Weights per quantisation block for a GGUF file type name (0 for float types)."""
+    base = quant.split("_")[0] + ("_K" if "_K" in quant else "")
+    for name, block, _ in GGML_TYPES.values():
+        if name == base or name == quant:
+            return block if block > 1 else 0
+    return 0
+
+
+__all__ = ["LlamaCppBackend", "LlamaCppModel", "Token"]

@@ -1,0 +1,15 @@
+"""The contract suite on the real llama.cpp engine and the embedded default model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core_inference import default_model_path
+from core_inference.backends.llama_cpp import LlamaCppBackend
+from core_inference.protocols import TextModel
+from core_inference.testing import BackendContract
+
+
+class TestLlamaCppContract(BackendContract):
+    def load_model(self, **kw: Any) -> TextModel:
+        return LlamaCppBackend().load_model(default_model_path(progress=False), **kw)
