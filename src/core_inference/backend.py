@@ -24,7 +24,11 @@ class BaseBackend:
     def why_unavailable(self) -> str | None:
         """None when usable here, else a sentence saying what is missing (no engine import)."""
         for module in self.engine_modules:
-            if importlib.util.find_spec(module) is None:
+            try:
+                spec = importlib.util.find_spec(module)
+            except (ImportError, ValueError):  # blocked (sys.modules[name] = None) or broken
+                spec = None
+            if spec is None:
                 return (
                     f"the Python module {module!r} is not installed "
                     f"(pip install 'core-inference[{self.extra}]')"

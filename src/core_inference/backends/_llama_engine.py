@@ -91,6 +91,7 @@ class Context:
         self.n_batch = n_batch
         self.memory = L.llama_get_memory(self.ptr)
         self.batch = Batch(n_batch)
+        self.decode_calls = 0  # how many batches went through the model (for tests and stats)
 
     def clear_seq(self, seq: int) -> None:
         L.llama_memory_seq_rm(self.memory, seq, -1, -1)
@@ -98,6 +99,7 @@ class Context:
     def decode(self) -> None:
         """Run the filled batch through the model."""
         self.batch.raw.n_tokens = self.batch.n
+        self.decode_calls += 1
         rc = L.llama_decode(self.ptr, self.batch.raw)
         if rc != 0:
             raise InferenceError(f"llama_decode failed with code {rc} (KV cache full or bad batch)")
@@ -204,13 +206,13 @@ class Model:
 class Sampler:
     """A llama.cpp sampler chain built from a ``GenerateConfig``: sampling runs in C."""
 
-    def __init__(self, cfg: GenerateConfig, seed: int | None = None) -> None:
+    def __init__(self, cfg: GenerateConfig, n_vocab: int) -> None:
         params = L.llama_sampler_chain_default_params()
         params.no_perf = True
         self.ptr = L.llama_sampler_chain_init(params)
         add: Callable[[Any], None] = lambda s: L.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         if cfg.repeat_penalty and cfg.repeat_penalty != 1.0:
-            add(L.llama_sampler_init_penalties(64, cfg.repeat_penalty, 0.0, 0.0))
+            add(L.llama_sampler_init_penalties(n_vocab, 64, cfg.repeat_penalty, 0.0, 0.0))
         if cfg.temperature == 0.0:
             add(L.llama_sampler_init_greedy())
         else:
@@ -219,8 +221,7 @@ class Sampler:
             if cfg.top_p:
                 add(L.llama_sampler_init_top_p(cfg.top_p, 1))
             add(L.llama_sampler_init_temp(cfg.temperature))
-            chosen = cfg.seed if cfg.seed is not None else seed
-            add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if chosen is None else chosen))
+            add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if cfg.seed is None else cfg.seed))
 
     def accept_all(self, tokens: Sequence[int]) -> None:
         """Feed prompt tokens to stateful samplers (the repeat penalty's history)."""

@@ -110,7 +110,7 @@ class LlamaCppModel(BaseModel):
         tokens = self._prompt_tokens(text, templated)
         stop = self._end_of_turn_ids() if templated else frozenset()
         seq = self._free_seqs.pop()
-        sampler = self._engine.Sampler(cfg)
+        sampler = self._engine.Sampler(cfg, self._model.n_vocab)
         llama, model = self._ctx, self._model
         try:
             sampler.accept_all(tokens)
@@ -119,7 +119,7 @@ class LlamaCppModel(BaseModel):
                 exclusive = len(self._free_seqs) == self._slots.size - 1
                 if exclusive:
                     llama.perf_reset()
-            tid = self._prefill(tokens, seq, ctx, sampler)
+            tid = self._prefill(tokens, seq, ctx, sampler, rec)
             rec.prefill_done(len(tokens))
             pos = len(tokens)
             limit = min(cfg.max_tokens, llama.per_seq - pos)
@@ -146,7 +146,9 @@ class LlamaCppModel(BaseModel):
             self._free_seqs.append(seq)
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
 
-    def _prefill(self, tokens: list[int], seq: int, ctx: Context, sampler: Any) -> int:
+    def _prefill(
+        self, tokens: list[int], seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder
+    ) -> int:
         """Decode the prompt in chunks, checking the context between them; sample the first token."""
         llama = self._ctx
         step = max(1, min(self.prefill_chunk, llama.n_batch))
@@ -161,6 +163,7 @@ class LlamaCppModel(BaseModel):
                 for i, t in enumerate(chunk):
                     batch.add(t, start + i, seq, start + i == len(tokens) - 1)
                 llama.decode()
+                rec.prompt_tokens = start + len(chunk)  # how far prefill got, if it is cut short
                 if start + step >= len(tokens):
                     return int(sampler.sample(llama, batch.n - 1))
         raise ValueError("prompt: no tokens to decode")
@@ -171,6 +174,11 @@ class LlamaCppModel(BaseModel):
         rec.prefill_duration, rec.decode_duration = prefill, decode
 
     # -- classify and batch generation -------------------------------------------------
+
+    @property
+    def decode_calls(self) -> int:
+        """Batches run through llama.cpp so far (each ``llama_decode`` call counts once)."""
+        return sum(c.decode_calls for c in (self._ctx, self._batch_ctx) if c is not None)
 
     def _batch_context(self, n_seq: int, per_seq: int) -> Any:
         """A context for packed batches, grown (recreated) when a call needs more room."""
@@ -208,7 +216,7 @@ class LlamaCppModel(BaseModel):
             outputs = self._pack_prefill(llama, group, ctx)
             out = []
             for index in outputs:
-                sampler = self._engine.Sampler(cfg)
+                sampler = self._engine.Sampler(cfg, self._model.n_vocab)
                 try:
                     tid = sampler.sample(llama, index)
                 finally:
@@ -267,7 +275,7 @@ class LlamaCppModel(BaseModel):
         prompts = [encoded[k] for k in keys]
         per_seq = _round_up(max(map(len, prompts)) + cfg.max_tokens + 1, 64)
         out: dict[int, list[Piece]] = {k: [] for k in keys}
-        samplers = [self._engine.Sampler(cfg) for _ in keys]
+        samplers = [self._engine.Sampler(cfg, self._model.n_vocab) for _ in keys]
         try:
             for s, p in zip(samplers, prompts):
                 s.accept_all(p)

@@ -1,0 +1,318 @@
+"""The llama.cpp backend on the real engine and the embedded default model."""
+
+from __future__ import annotations
+
+import gc
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import core_inference as ci
+from core_inference.backends.llama_cpp import LlamaCppBackend, LlamaCppModel
+from core_inference.gguf import read_gguf
+from core_inference.memory import cpu_count, process_memory
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return ci.default_model_path(progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(model_path: Path) -> Iterator[LlamaCppModel]:
+    m = LlamaCppBackend().load_model(model_path, parallel_slots=4)
+    assert isinstance(m, LlamaCppModel)
+    yield m
+    m.close()
+
+
+def text(tokens: list[ci.Token]) -> str:
+    return "".join(t.text for t in tokens)
+
+
+def test_registry_picks_llama_cpp_for_gguf(model_path: Path) -> None:
+    with ci.load_model(model_path) as m:
+        assert isinstance(m, LlamaCppModel)
+        assert m.model_type == "gemma3"
+
+
+def test_emoji_split_across_tokens_comes_out_whole(model: LlamaCppModel) -> None:
+    # Gemma writes the llama emoji as 4 byte-fallback tokens: the first three carry ""
+    tokens = list(model.generate("Emoji: 🦙🦙🦙 🧪🧪", max_tokens=12))
+    assert "🦙" in text(tokens)
+    assert any(t.text == "" for t in tokens), "expected byte tokens held back"
+    assert "\ufffd" not in text(tokens)
+    for t in tokens:
+        t.text.encode("utf-8")  # every piece is whole UTF-8 on its own
+
+
+def test_cjk_output(model: LlamaCppModel) -> None:
+    out = text(list(model.generate("東京は日本の首都です。大阪は", max_tokens=8)))
+    assert any("\u3040" <= ch <= "\u9fff" for ch in out)
+
+
+def test_greedy_by_default(model: LlamaCppModel) -> None:
+    default = list(model.generate(PROMPT, max_tokens=16))
+    assert list(model.generate(PROMPT, max_tokens=16, temperature=0.0)) == default
+
+
+def test_seed_makes_sampling_reproducible(model: LlamaCppModel) -> None:
+    a = list(model.generate(PROMPT, max_tokens=24, temperature=1.5, seed=7))
+    b = list(model.generate(PROMPT, max_tokens=24, temperature=1.5, seed=7))
+    assert a == b
+    others = {text(list(model.generate(PROMPT, max_tokens=24, temperature=1.5, seed=s))) for s in range(1, 5)}
+    assert len(others | {text(a)}) > 1, "different seeds never changed the output"
+
+
+def test_temperature_changes_output(model: LlamaCppModel) -> None:
+    greedy = text(list(model.generate(PROMPT, max_tokens=24)))
+    hot = {text(list(model.generate(PROMPT, max_tokens=24, temperature=2.0, seed=s))) for s in range(4)}
+    assert hot - {greedy}
+
+
+def test_top_k_one_is_greedy(model: LlamaCppModel) -> None:
+    greedy = list(model.generate(PROMPT, max_tokens=16))
+    for seed in range(3):
+        assert list(model.generate(PROMPT, max_tokens=16, temperature=1.5, top_k=1, seed=seed)) == greedy
+
+
+def test_tiny_top_p_is_greedy(model: LlamaCppModel) -> None:
+    greedy = list(model.generate(PROMPT, max_tokens=16))
+    for seed in range(3):
+        assert list(model.generate(PROMPT, max_tokens=16, temperature=1.5, top_p=1e-6, seed=seed)) == greedy
+
+
+def test_repeat_penalty_reduces_repetition(model: LlamaCppModel) -> None:
+    # greedy decoding of this prompt loops on the same sentence
+    plain = [t.id for t in model.generate(PROMPT, max_tokens=64)]
+    penalised = [t.id for t in model.generate(PROMPT, max_tokens=64, repeat_penalty=1.8)]
+    assert penalised != plain
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_stop_strings_and_ids_on_real_text(model: LlamaCppModel) -> None:
+    full = text(list(model.generate(PROMPT, max_tokens=32)))
+    assert "France." in full
+    cut = text(list(model.generate(PROMPT, max_tokens=32, stop=["France."])))
+    assert cut == full[: full.index("France.")]
+    ids = [t.id for t in model.generate(PROMPT, max_tokens=32)]
+    cut_ids = [t.id for t in model.generate(PROMPT, max_tokens=32, stop_tokens=[ids[5]])]
+    assert cut_ids == ids[: ids.index(ids[5])]
+
+
+def test_gemma3_chat_prompt_is_exact(model: LlamaCppModel) -> None:
+    messages = [
+        ci.Message("system", "You are a pirate."),
+        ci.Message("user", "Hello"),
+        ci.Message("assistant", "Arr!"),
+        ci.Message("user", "Where is the treasure?"),
+    ]
+    assert model.chat_prompt(messages) == (
+        "<bos><start_of_turn>user\nYou are a pirate.\n\nHello<end_of_turn>\n"
+        "<start_of_turn>model\nArr!<end_of_turn>\n"
+        "<start_of_turn>user\nWhere is the treasure?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    # and the special tokens are real single tokens, not text
+    ids = model._model.tokenize(model.chat_prompt(messages[1:2]), add_special=False)
+    assert ids[:2] == [model._model.bos, model._model.single_token("<start_of_turn>")]
+
+
+def test_llama_cpp_python_guesses_wrong_for_gemma3(model_path: Path) -> None:
+    """llama-cpp-python, left alone, formats this model's chat as llama-2: our reason to do it ourselves."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(model_path), n_ctx=256, verbose=False)
+    try:
+        assert llm.chat_format != "gemma"
+    finally:
+        llm.close()
+
+
+def _with_chat_template(src: Path, dst: Path, template: str) -> None:
+    """Copy a GGUF file, adding ``tokenizer.chat_template`` to its metadata."""
+    header = read_gguf(src)
+    raw = src.read_bytes()
+    # find where the key-value section ends: re-walk it with the header's own count
+    from core_inference.gguf import _Reader
+
+    r = _Reader(raw, len(raw), str(src))
+    r.pos = 24
+    for _ in range(len(header.metadata)):
+        key = r.string("key")
+        r.value(r.scalar("I", "type"), key)
+    kv_end = r.pos
+    tensors_end = header.data_offset
+    while tensors_end > kv_end and raw[tensors_end - 1] == 0:
+        tensors_end -= 1  # the alignment padding before the data
+    # the tensor table may itself end in zero bytes: recompute its end by walking it
+    r.pos = kv_end
+    for _ in range(header.tensor_count):
+        r.string("name")
+        dims = r.scalar("I", "dims")
+        for _ in range(dims):
+            r.scalar("Q", "dim")
+        r.scalar("I", "type")
+        r.scalar("Q", "offset")
+    tensors_end = r.pos
+    key = b"tokenizer.chat_template"
+    value = template.encode()
+    kv = struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", len(value)) + value
+    head = raw[:16] + struct.pack("<Q", len(header.metadata) + 1) + raw[24:kv_end] + kv + raw[kv_end:tensors_end]
+    pad = (-len(head)) % 32
+    dst.write_bytes(head + b"\0" * pad + raw[header.data_offset :])
+
+
+def test_chat_template_from_gguf_metadata_wins(model_path: Path, tmp_path: Path) -> None:
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    path = tmp_path / "templated.gguf"
+    _with_chat_template(model_path, path, template)
+    assert read_gguf(path).chat_template == template
+    with ci.load_model(path) as m:
+        prompt = m.chat_prompt([ci.Message("user", "Hi")])
+        assert prompt == "<bos>[user]Hi\n[assistant]"
+        assert list(m.chat([ci.Message("user", "Hi")], max_tokens=4))
+
+
+def test_long_prefill_is_cancelled_between_chunks(model: LlamaCppModel) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog. " * 200  # about 2,000 tokens
+    n_prompt = len(model._model.tokenize(prompt, add_special=True))
+    assert n_prompt > 1800
+    ctx = ci.Context.background().with_timeout(0.1)
+    with pytest.raises(ci.DeadlineExceeded):
+        list(model.generate(prompt, max_tokens=4, ctx=ctx))
+    done = model.metrics().prompt_tokens
+    assert 0 < done < n_prompt, "prefill was not cut short"
+    assert done % model.prefill_chunk == 0
+
+
+def test_prompt_longer_than_context(model_path: Path) -> None:
+    with LlamaCppBackend().load_model(model_path, context_len=64) as m:
+        with pytest.raises(ci.ContextLengthExceeded):
+            list(m.generate("word " * 200))
+        assert isinstance(m.err(), ci.ContextLengthExceeded)
+
+
+def test_classify_packs_prompts_into_one_batch(model: LlamaCppModel) -> None:
+    prompts = [PROMPT, "One plus one is", "The sky is", "Hello, my name", "Paris is in", "Dogs are", "I like", "2, 4, 6,"]
+    before = model.decode_calls
+    results = model.classify(prompts)
+    assert model.decode_calls - before <= 2  # one batch for the bodies, one for the last positions
+    for prompt, res in zip(prompts, results):
+        assert res.logits is None
+        assert res.token.id == next(iter(model.generate(prompt, max_tokens=1))).id
+    with_logits = model.classify(prompts[:2], return_logits=True)
+    assert with_logits[0].logits is not None
+    assert len(with_logits[0].logits) == model.info().vocab_size
+    assert int(max(range(len(with_logits[0].logits)), key=with_logits[0].logits.__getitem__)) == results[0].token.id
+
+
+def test_batch_generate_decodes_together(model: LlamaCppModel) -> None:
+    prompts = [PROMPT, "One plus one is", "The sky is", "Hello, my name"]
+    before = model.decode_calls
+    results = model.batch_generate(prompts, max_tokens=8)
+    steps = model.decode_calls - before
+    assert steps <= 2 + 8, f"{steps} decodes for 4 prompts x 8 tokens: not batched"
+    for prompt, res in zip(prompts, results):
+        assert res.err is None and len(res.tokens) == 8
+        alone = list(model.generate(prompt, max_tokens=8))
+        assert res.tokens[0] == alone[0]
+
+
+def test_batch_generate_per_prompt_errors_and_stops(model_path: Path) -> None:
+    with LlamaCppBackend().load_model(model_path, context_len=128) as m:
+        prompts = [PROMPT, "word " * 300, "One plus one is"]
+        results = m.batch_generate(prompts, max_tokens=24, stop=["."])
+        assert isinstance(results[1].err, ci.ContextLengthExceeded)
+        for i in (0, 2):
+            assert results[i].err is None and results[i].tokens
+            assert "." not in results[i].text
+            alone = text(list(m.generate(prompts[i], max_tokens=24, stop=["."])))
+            assert results[i].text == alone
+
+
+def test_parallel_slots_serve_many_threads(model: LlamaCppModel) -> None:
+    prompts = [PROMPT, "One plus one is", "The sky is", "Hello, my name"]
+    alone = {p: list(model.generate(p, max_tokens=16)) for p in prompts}
+    out: dict[int, list[ci.Token]] = {}
+
+    def run(i: int) -> None:
+        out[i] = list(model.generate(prompts[i % 4], max_tokens=16))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(out[i] == alone[prompts[i % 4]] for i in range(8))
+
+
+def test_metrics_come_from_the_engine(model: LlamaCppModel) -> None:
+    tokens = list(model.generate(PROMPT, max_tokens=16))
+    m = model.metrics()
+    assert m.generated_tokens == len(tokens)
+    assert m.prompt_tokens == len(model._model.tokenize(PROMPT, add_special=True))
+    assert m.decode_tokens_per_sec > 0 and m.prefill_tokens_per_sec > 0
+    assert m.time_to_first_token > 0 and m.peak_memory_bytes >= m.active_memory_bytes > 0
+
+
+def test_info_from_gguf_metadata(model: LlamaCppModel) -> None:
+    info = model.info()
+    assert info.architecture == "gemma3"
+    assert info.vocab_size == 262144
+    assert info.num_layers == 18 and info.hidden_size == 640
+    assert info.context_length == 32768
+    assert info.quant_type == "Q4_K_M" and info.quant_bits == 4
+
+
+def test_threads_default_to_every_core(model_path: Path) -> None:
+    with LlamaCppBackend().load_model(model_path) as m:
+        assert m.threads == cpu_count()
+    with LlamaCppBackend().load_model(model_path, threads=1) as m:
+        assert m.threads == 1
+        assert list(m.generate(PROMPT, max_tokens=2))
+
+
+def test_close_frees_memory(model_path: Path) -> None:
+    gc.collect()
+    m = LlamaCppBackend().load_model(model_path)
+    list(m.generate(PROMPT, max_tokens=4))
+    loaded, _ = process_memory()
+    m.close()
+    gc.collect()
+    after, _ = process_memory()
+    assert loaded - after > 150 * 1024 * 1024, f"RSS only fell from {loaded} to {after}"
+
+
+def test_available_does_not_import_the_engine() -> None:
+    code = (
+        "import sys, core_inference as ci\n"
+        "b = ci.get('llama_cpp')\n"
+        "assert b.available(), b.why_unavailable()\n"
+        "assert 'llama_cpp' not in sys.modules, 'engine imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_engine_names_the_extra(model_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['llama_cpp'] = None  # as if it were not installed\n"
+        "import core_inference as ci\n"
+        "try:\n"
+        f"    ci.load_model({str(model_path)!r}, backend='llama_cpp')\n"
+        "except ci.BackendUnavailable as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'core-inference[llama-cpp]'" in out
