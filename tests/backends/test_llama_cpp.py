@@ -67,7 +67,9 @@ def test_seed_makes_sampling_reproducible(model: LlamaCppModel) -> None:
     a = list(model.generate(PROMPT, max_tokens=24, temperature=1.5, seed=7))
     b = list(model.generate(PROMPT, max_tokens=24, temperature=1.5, seed=7))
     assert a == b
-    others = {text(list(model.generate(PROMPT, max_tokens=24, temperature=1.5, seed=s))) for s in range(1, 5)}
+    others = {
+        text(list(model.generate(PROMPT, max_tokens=24, temperature=1.5, seed=s))) for s in range(1, 5)
+    }
     assert len(others | {text(a)}) > 1, "different seeds never changed the output"
 
 
@@ -149,12 +151,7 @@ def _with_chat_template(src: Path, dst: Path, template: str) -> None:
         key = r.string("key")
         r.value(r.scalar("I", "type"), key)
     kv_end = r.pos
-    tensors_end = header.data_offset
-    while tensors_end > kv_end and raw[tensors_end - 1] == 0:
-        tensors_end -= 1  # the alignment padding before the data
-    # the tensor table may itself end in zero bytes: recompute its end by walking it
-    r.pos = kv_end
-    for _ in range(header.tensor_count):
+    for _ in range(header.tensor_count):  # walk the tensor table to find where it ends
         r.string("name")
         dims = r.scalar("I", "dims")
         for _ in range(dims):
@@ -165,7 +162,8 @@ def _with_chat_template(src: Path, dst: Path, template: str) -> None:
     key = b"tokenizer.chat_template"
     value = template.encode()
     kv = struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", len(value)) + value
-    head = raw[:16] + struct.pack("<Q", len(header.metadata) + 1) + raw[24:kv_end] + kv + raw[kv_end:tensors_end]
+    count = struct.pack("<Q", len(header.metadata) + 1)
+    head = raw[:16] + count + raw[24:kv_end] + kv + raw[kv_end:tensors_end]
     pad = (-len(head)) % 32
     dst.write_bytes(head + b"\0" * pad + raw[header.data_offset :])
 
@@ -204,17 +202,19 @@ def test_prompt_longer_than_context(model_path: Path) -> None:
 
 
 def test_classify_packs_prompts_into_one_batch(model: LlamaCppModel) -> None:
-    prompts = [PROMPT, "One plus one is", "The sky is", "Hello, my name", "Paris is in", "Dogs are", "I like", "2, 4, 6,"]
+    prompts = [PROMPT, "One plus one is", "The sky is", "Hello, my name"]
+    prompts += ["Paris is in", "Dogs are", "I like", "2, 4, 6,"]
     before = model.decode_calls
     results = model.classify(prompts)
     assert model.decode_calls - before <= 2  # one batch for the bodies, one for the last positions
-    for prompt, res in zip(prompts, results):
+    for prompt, res in zip(prompts, results, strict=True):
         assert res.logits is None
         assert res.token.id == next(iter(model.generate(prompt, max_tokens=1))).id
     with_logits = model.classify(prompts[:2], return_logits=True)
     assert with_logits[0].logits is not None
     assert len(with_logits[0].logits) == model.info().vocab_size
-    assert int(max(range(len(with_logits[0].logits)), key=with_logits[0].logits.__getitem__)) == results[0].token.id
+    logits = with_logits[0].logits
+    assert max(range(len(logits)), key=logits.__getitem__) == results[0].token.id
 
 
 def test_batch_generate_decodes_together(model: LlamaCppModel) -> None:
@@ -223,7 +223,7 @@ def test_batch_generate_decodes_together(model: LlamaCppModel) -> None:
     results = model.batch_generate(prompts, max_tokens=8)
     steps = model.decode_calls - before
     assert steps <= 2 + 8, f"{steps} decodes for 4 prompts x 8 tokens: not batched"
-    for prompt, res in zip(prompts, results):
+    for prompt, res in zip(prompts, results, strict=True):
         assert res.err is None and len(res.tokens) == 8
         alone = list(model.generate(prompt, max_tokens=8))
         assert res.tokens[0] == alone[0]

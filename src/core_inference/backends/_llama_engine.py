@@ -84,7 +84,9 @@ class Context:
         params.swa_full = False
         self.ptr = L.llama_init_from_model(model, params)
         if not self.ptr:
-            raise InferenceError(f"llama.cpp could not create a context of {n_ctx} tokens x {n_seq} sequences")
+            raise InferenceError(
+                f"llama.cpp could not create a context of {n_ctx} tokens x {n_seq} sequences"
+            )
         self.n_ctx = int(L.llama_n_ctx(self.ptr))
         self.n_seq = n_seq
         self.per_seq = self.n_ctx // n_seq

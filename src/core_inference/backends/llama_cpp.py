@@ -59,7 +59,7 @@ class LlamaCppModel(BaseModel):
         self._model = engine.Model(path, cfg.gpu_layers)
         train = self._model.n_ctx_train or DEFAULT_CONTEXT
         self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
-        self._ctx = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
+        self._ctx: Any = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
         self._free_seqs = list(range(slots))
         self._batch_ctx: Any = None
         self._template = self._find_template()
@@ -222,7 +222,8 @@ class LlamaCppModel(BaseModel):
                 finally:
                     sampler.free()
                 logits = llama.logits(index, self._model.n_vocab) if cfg.return_logits else None
-                out.append(ClassifyResult(Token(tid, self._model.piece(tid).decode("utf-8", "replace")), logits))
+                text = self._model.piece(tid).decode("utf-8", "replace")
+                out.append(ClassifyResult(Token(tid, text), logits))
             for seq in range(len(group)):
                 llama.clear_seq(seq)
         return out
@@ -277,7 +278,7 @@ class LlamaCppModel(BaseModel):
         out: dict[int, list[Piece]] = {k: [] for k in keys}
         samplers = [self._engine.Sampler(cfg, self._model.n_vocab) for _ in keys]
         try:
-            for s, p in zip(samplers, prompts):
+            for s, p in zip(samplers, prompts, strict=True):
                 s.accept_all(p)
             with self._lock:
                 llama = self._batch_context(len(keys), per_seq)
@@ -354,7 +355,7 @@ def _quant_group(quant: str) -> int:
     """Weights per quantisation block for a GGUF file type name (0 for float types)."""
     base = quant.split("_")[0] + ("_K" if "_K" in quant else "")
     for name, block, _ in GGML_TYPES.values():
-        if name == base or name == quant:
+        if name in (base, quant):
             return block if block > 1 else 0
     return 0
 
