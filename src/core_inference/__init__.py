@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .backend import BaseBackend
 from .context import Context
+from .discover import DiscoveredModel, discover
 from .errors import (
     BackendNotRegistered,
     BackendUnavailable,
@@ -69,8 +70,6 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "default_model_path": "core_inference.default_model",
-    "discover": "core_inference.discover",
-    "DiscoveredModel": "core_inference.discover",
 }
 
 

@@ -17,7 +17,9 @@ class Context:
     True
     """
 
-    __slots__ = ("_parent", "_deadline", "_event", "_err", "_cancellable")
+    __slots__ = ("_cancellable", "_deadline", "_err", "_event", "_parent")
+
+    _deadline: float | None
 
     def __init__(
         self,
@@ -26,6 +28,8 @@ class Context:
         cancellable: bool = True,
     ) -> None:
         self._parent = parent
+        if deadline is not None and deadline != deadline:  # NaN would never expire
+            raise ValueError("deadline: must be a number, got nan")
         if parent is not None and parent._deadline is not None:
             deadline = parent._deadline if deadline is None else min(deadline, parent._deadline)
         self._deadline = deadline

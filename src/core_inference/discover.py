@@ -1,17 +1,21 @@
-"""``discover``: find every model under a folder without loading any."""
+"""``discover``: find every model under a folder without loading any.
+
+``core_inference`` imports this module eagerly (so ``core_inference.discover`` is always
+the function, never this module), so what is heavy here is imported only when used.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ModelLoadError
-from .formats import is_hf_folder
-from .gguf import is_gguf, read_gguf
+from .formats import is_gguf, is_hf_folder
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
 _NOT_GGUF = (".json", ".safetensors", ".txt", ".md", ".py", ".bin", ".pt", ".model")
 
@@ -30,25 +34,62 @@ class DiscoveredModel:
 
 
 def discover(base_dir: str | os.PathLike[str]) -> Iterator[DiscoveredModel]:
-    """Yield every GGUF file and Hugging Face folder under ``base_dir``, sorted by path."""
+    """Yield every GGUF file and Hugging Face folder under ``base_dir``, sorted by path.
+
+    A model that cannot be read is yielded with ``error`` set; nothing is raised for it.
+    """
+    from pathlib import Path
+
     base = Path(base_dir)
     if not base.is_dir():
         raise NotADirectoryError(f"{base}: not a folder")
-    for root, dirs, files in os.walk(base, onerror=None):
-        dirs.sort()
-        folder = Path(root)
-        if "config.json" in files and any(f.endswith(".safetensors") for f in files):
-            yield _describe_hf(folder)
-        for name in sorted(files):
-            path = folder / name
-            if name.lower().endswith(".gguf") or (
-                not name.lower().endswith(_NOT_GGUF) and is_gguf(path)
-            ):
+    if _is_hf(base):
+        yield _describe_hf(base)
+    yield from _scan(base)
+
+
+def _is_hf(folder: Path) -> bool:
+    try:
+        return is_hf_folder(folder)
+    except OSError:
+        return False
+
+
+def _scan(folder: Path) -> Iterator[DiscoveredModel]:
+    """Depth first, entries in name order, so paths come out sorted (part by part)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:  # unreadable folder: skip it, as os.walk would
+        return
+    for entry in entries:
+        path = folder / entry.name
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            is_file = entry.is_file()
+        except OSError:
+            continue
+        if is_dir:
+            if _is_hf(path):
+                yield _describe_hf(path)
+            yield from _scan(path)
+        elif is_file or entry.is_symlink():  # a dangling link is reported, not skipped
+            lower = entry.name.lower()
+            if lower.endswith(".gguf") or (not lower.endswith(_NOT_GGUF) and is_gguf(path)):
                 yield _describe_gguf(path)
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _describe_gguf(path: Path) -> DiscoveredModel:
-    size = path.stat().st_size
+    from .gguf import read_gguf
+
+    size = _size(path)
     try:
         header = read_gguf(path)
     except ModelLoadError as exc:
@@ -58,8 +99,10 @@ def _describe_gguf(path: Path) -> DiscoveredModel:
 
 
 def _describe_hf(folder: Path) -> DiscoveredModel:
+    import json
+
     weights = sorted(folder.glob("*.safetensors"))
-    size = sum(w.stat().st_size for w in weights)
+    size = sum(_size(w) for w in weights)
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))

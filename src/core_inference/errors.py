@@ -26,7 +26,8 @@ class BackendUnavailable(InferenceError):
         self.name = name
         self.reason = reason
         self.extra = extra
-        hint = f"; install it with: pip install 'core-inference[{extra}]'" if extra else ""
+        install = f"pip install 'core-inference[{extra}]'"
+        hint = f"; install it with: {install}" if extra and install not in reason else ""
         super().__init__(f"backend {name!r} is unavailable: {reason}{hint}")
 
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import os
 
-from .gguf import is_gguf
-
 GGUF, HF, URL = "gguf", "safetensors", "url"
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """True if the file starts with the GGUF magic bytes (a cheap sniff, not validation)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:

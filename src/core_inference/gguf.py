@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelLoadError
+from .formats import GGUF_MAGIC as GGUF_MAGIC
+from .formats import is_gguf as is_gguf  # kept importable from here
 
-GGUF_MAGIC = b"GGUF"
 MAX_COUNT = 1 << 24  # keys or tensors: far beyond any real model
 MAX_DIMS = 4
 KEEP_ARRAY_ITEMS = 64  # arrays longer than this are skipped, not decoded
+MAX_ARRAY_DEPTH = 8  # arrays of arrays nest no deeper than this (real files: 1 or 2)
 
 # value type id -> struct format of a scalar
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -101,7 +103,7 @@ class GGUFHeader:
 
 
 class _Reader:
-    __slots__ = ("buf", "pos", "size", "path")
+    __slots__ = ("buf", "path", "pos", "size")
 
     def __init__(self, buf: bytes | mmap.mmap, size: int, path: str) -> None:
         self.buf, self.pos, self.size, self.path = buf, 0, size, path
@@ -148,7 +150,9 @@ class _Reader:
             return self.array(key)
         raise self.fail(f"key {key!r} has unknown value type {vtype}")
 
-    def array(self, key: str) -> Any:
+    def array(self, key: str, depth: int = 1) -> Any:
+        if depth > MAX_ARRAY_DEPTH:
+            raise self.fail(f"array {key!r} nests arrays deeper than {MAX_ARRAY_DEPTH} levels")
         item_type = self.scalar("I", f"array type of {key!r}")
         length = self.scalar("Q", f"array length of {key!r}")
         if item_type in _SCALARS:
@@ -167,7 +171,8 @@ class _Reader:
             return [self.string(f"item of {key!r}") for _ in range(length)]
         if item_type == _ARRAY:
             self.need(length * 12, f"array {key!r} of {length} arrays")
-            return [self.array(key) for _ in range(length)]
+            items = [self.array(key, depth + 1) for _ in range(length)]
+            return items if length <= KEEP_ARRAY_ITEMS else SkippedArray(item_type, length)
         raise self.fail(f"array {key!r} has unknown item type {item_type}")
 
 
@@ -227,7 +232,7 @@ def _parse(r: _Reader, check_data: bool) -> GGUFHeader:
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise r.fail(f"general.alignment must be a power of two, got {alignment!r}")
     data_offset = (r.pos + alignment - 1) // alignment * alignment
-    if check_data and data_offset + data_end > r.size:
+    if check_data and data_end > 0 and data_offset + data_end > r.size:  # no tensors: no data
         raise ModelLoadError(
             f"{r.path}: truncated GGUF file: tensor data needs {data_offset + data_end} bytes, "
             f"the file has {r.size}"
@@ -247,12 +252,3 @@ def _tensor_bytes(r: _Reader, name: str, dims: list[int], ttype: int) -> int:
     if elements % block:
         raise r.fail(f"tensor {name!r} has {elements} elements, not a multiple of its block {block}")
     return elements // block * width
-
-
-def is_gguf(path: str | os.PathLike[str]) -> bool:
-    """True if the file starts with the GGUF magic bytes (a cheap sniff, not validation)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == GGUF_MAGIC
-    except OSError:
-        return False

@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import Any, TypeVar
 
 from .context import Context
 from .errors import ModelClosed
@@ -20,6 +29,8 @@ from .streaming import MetricsRecorder, Piece, SlotQueue, finish_tokens
 from .types import BatchResult, ClassifyResult, GenerateConfig, GenerateMetrics, Message, ModelInfo, Token
 
 MessageLike = Message | Mapping[str, Any]
+_R = TypeVar("_R")
+_M = TypeVar("_M", bound="BaseModel")
 
 
 def to_messages(messages: Sequence[MessageLike]) -> list[Message]:
@@ -93,15 +104,23 @@ class BaseModel:
         """Fallback for engines that cannot batch: one prompt after another."""
         results = []
         for prompt in prompts:
+            sub = MetricsRecorder()
+            raw: Iterator[Piece] | None = None
             try:
-                raw = self._engine_generate(prompt, cfg, ctx, MetricsRecorder())
-                tokens = tuple(finish_tokens(raw, cfg, ctx, rec, self._closed))
+                raw = self._engine_generate(prompt, cfg, ctx, sub)
+                tokens = tuple(finish_tokens(raw, cfg, ctx, sub, self._closed))
                 results.append(BatchResult(tokens))
             except Exception as exc:  # one bad prompt does not sink the batch
-                ctx_err = ctx.err()
-                if ctx_err is not None:
-                    raise
+                if ctx.err() is not None or self._closed.is_set():
+                    raise  # ... but a cancelled call or a closed model does
                 results.append(BatchResult(err=exc))
+            finally:
+                close = getattr(raw, "close", None)
+                if close is not None:
+                    close()
+                rec.prompt_tokens += sub.prompt_tokens
+                rec.generated_tokens += sub.generated_tokens
+                rec.first_token = rec.first_token or sub.first_token
         return results
 
     def _close_engine(self) -> None:
@@ -115,7 +134,7 @@ class BaseModel:
 
     def generate(
         self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> Iterator[Token]:
+    ) -> Generator[Token, None, None]:
         """Stream tokens for ``prompt``; options as ``with_x(...)`` or keywords."""
         cfg = apply_generate_opts(opts, **kw)
         prompt = _check_prompt(prompt)
@@ -124,7 +143,7 @@ class BaseModel:
 
     def chat(
         self, messages: Sequence[MessageLike], *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> Iterator[Token]:
+    ) -> Generator[Token, None, None]:
         """Stream the assistant's reply to a conversation, through the model's chat template."""
         cfg = apply_generate_opts(opts, **kw)
         msgs = to_messages(messages)
@@ -198,7 +217,7 @@ class BaseModel:
         if free_now:
             self._free()
 
-    def __enter__(self) -> BaseModel:
+    def __enter__(self: _M) -> _M:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -249,7 +268,7 @@ class BaseModel:
         produce: Callable[[Context, MetricsRecorder], Iterator[Piece]],
         cfg: GenerateConfig,
         ctx: Context | None,
-    ) -> Iterator[Token]:
+    ) -> Generator[Token, None, None]:
         """The stream generator: waits for a slot on first ``next()``, frees it at the end."""
         ctx = ctx or Context.background()
         self._last_err = None
@@ -276,7 +295,7 @@ class BaseModel:
             self._last_metrics = rec.finish()
             self._leave()
 
-    def _call(self, work: Callable[[Context, MetricsRecorder], Any], ctx: Context | None) -> Any:
+    def _call(self, work: Callable[[Context, MetricsRecorder], _R], ctx: Context | None) -> _R:
         ctx = ctx or Context.background()
         self._check_open()
         self._last_err = None
@@ -294,19 +313,57 @@ class BaseModel:
         return result
 
 
-async def _aiter_thread(
+def _aiter_thread(
     start: Callable[[Context], Iterator[Token]], ctx: Context | None
 ) -> AsyncIterator[Token]:
     """Run a blocking token stream in a worker thread, feeding an asyncio queue.
 
-    When the consumer stops (break, task cancelled), the worker's context is
-    cancelled, so the engine stops at its next token and frees its slot.
+    When the consumer stops (break, ``aclose()``, task cancelled, or the iterator is
+    dropped), the worker's context is cancelled, so the engine stops at its next token
+    and frees its slot, even if the event loop never runs again to finalise the stream.
     """
+    inner = (ctx or Context.background()).with_cancel()
+    return _ThreadStream(_pump(start, inner), inner)
+
+
+class _ThreadStream:
+    """The async iterator ``agenerate``/``achat`` return.
+
+    Python finalises an abandoned async generator only when its event loop next runs;
+    this wrapper cancels the worker at once when it is dropped, as a sync generator is
+    closed at once when a ``for`` loop breaks out of it.
+    """
+
+    __slots__ = ("_agen", "_inner")
+
+    def __init__(self, agen: AsyncGenerator[Token, None], inner: Context) -> None:
+        self._agen = agen
+        self._inner = inner
+
+    def __aiter__(self) -> _ThreadStream:
+        return self
+
+    def __anext__(self) -> Awaitable[Token]:
+        return self._agen.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the stream and its worker."""
+        self._inner.cancel()
+        await self._agen.aclose()
+
+    def __del__(self) -> None:
+        inner = getattr(self, "_inner", None)
+        if inner is not None:
+            inner.cancel()
+
+
+async def _pump(
+    start: Callable[[Context], Iterator[Token]], inner: Context
+) -> AsyncGenerator[Token, None]:
     import asyncio
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
-    inner = (ctx or Context.background()).with_cancel()
 
     def put(item: Any) -> None:
         try:

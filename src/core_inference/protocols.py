@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .context import Context
@@ -18,11 +18,11 @@ class TextModel(Protocol):
 
     def generate(
         self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> Iterator[Token]: ...
+    ) -> Generator[Token, None, None]: ...
 
     def chat(
         self, messages: Sequence[Any], *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> Iterator[Token]: ...
+    ) -> Generator[Token, None, None]: ...
 
     def agenerate(
         self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any

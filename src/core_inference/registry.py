@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import threading
 from typing import Any
@@ -19,7 +18,7 @@ from .formats import is_url
 from .options import apply_load_opts
 from .protocols import Backend, TextModel
 
-log = logging.getLogger("core_inference")
+LOGGER_NAME = "core_inference"  # ``logging`` is imported only when there is something to log
 
 ENTRY_POINT_GROUP = "core_inference.backends"
 ENV_BACKEND = "CORE_INFERENCE_BACKEND"
@@ -88,7 +87,11 @@ def _load_plugins() -> None:
         except Exception as exc:  # a broken plugin must not break the library
             reason = f"{type(exc).__name__}: {exc}"
             _broken[ep.name] = reason
-            log.warning("skipping broken core-inference backend plugin %r: %s", ep.name, reason)
+            import logging
+
+            logging.getLogger(LOGGER_NAME).warning(
+                "skipping broken core-inference backend plugin %r: %s", ep.name, reason
+            )
 
 
 def reload_plugins() -> None:

@@ -33,36 +33,49 @@ class Utf8Holdback:
 class StopMatcher:
     """Finds stop strings across token boundaries, holding back a possible stop prefix."""
 
-    __slots__ = ("_stops", "_buf")
+    __slots__ = ("_buf", "_stops")
 
     def __init__(self, stops: Iterable[str]) -> None:
         self._stops = tuple(stops)
         self._buf = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was hit)."""
+        """Return (text safe to emit, whether a stop string was hit).
+
+        A match is final only when no other stop could still begin earlier: for stops
+        "\n" and "a\na", the text "aa\n" is held until the next piece decides.
+        """
         buf = self._buf + text
+        cut = self._earliest_match(buf)
+        pending = self._earliest_partial(buf, len(buf) if cut == -1 else cut)
+        if pending != -1:
+            self._buf = buf[pending:]
+            return buf[:pending], False
+        self._buf = ""
+        return (buf, False) if cut == -1 else (buf[:cut], True)
+
+    def flush(self) -> str:
+        """Text held back at the end of the stream, cut at a stop string if one is there."""
+        buf, self._buf = self._buf, ""
+        cut = self._earliest_match(buf)
+        return buf if cut == -1 else buf[:cut]
+
+    def _earliest_match(self, buf: str) -> int:
         cut = -1
         for stop in self._stops:
             i = buf.find(stop)
             if i != -1 and (cut == -1 or i < cut):
                 cut = i
-        if cut != -1:
-            self._buf = ""
-            return buf[:cut], True
-        hold = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(buf)), hold, -1):
-                if buf.endswith(stop[:k]):
-                    hold = k
-                    break
-        self._buf = buf[len(buf) - hold :] if hold else ""
-        return (buf[: len(buf) - hold] if hold else buf), False
+        return cut
 
-    def flush(self) -> str:
-        """Text held back at the end of the stream (no stop string followed)."""
-        buf, self._buf = self._buf, ""
-        return buf
+    def _earliest_partial(self, buf: str, before: int) -> int:
+        """First index before ``before`` where the rest of ``buf`` is a proper prefix of a stop."""
+        longest = max(len(stop) for stop in self._stops)
+        for j in range(max(0, len(buf) - longest + 1), before):
+            tail = buf[j:]
+            if any(len(tail) < len(stop) and stop.startswith(tail) for stop in self._stops):
+                return j
+        return -1
 
 
 @dataclass
@@ -122,7 +135,8 @@ def finish_tokens(
     (the text before the stop is yielded) and the context/closed checks between tokens.
     A token whose bytes end mid-character carries "" and the next one the whole
     character; text held back as a possible stop prefix that no stop followed comes
-    as a last token with the id of the token before it.
+    as a last token with the id of the token before it (at ``max_tokens`` it is joined
+    to the last token instead, so at most ``max_tokens`` tokens are yielded).
     """
     if cfg.max_tokens == 0:
         return
@@ -139,20 +153,23 @@ def finish_tokens(
             raise ModelClosed("model closed during the call")
         if tid in stop_ids:
             break
-        count += 1
+        count += 1  # noqa: SIM113 (stop ids are not counted)
         if count == 1:
             rec.first_token = time.perf_counter()
         rec.generated_tokens = count
         text = piece if isinstance(piece, str) else utf8.feed(piece)
         last_id = tid
+        last = count >= cfg.max_tokens
         if matcher is not None:
             text, stopped = matcher.feed(text)
             if stopped:
                 if text:
                     yield Token(tid, text)
                 return
+            if last:  # no stop can follow: release the held-back text with this token
+                text += matcher.flush()
         yield Token(tid, text)
-        if count >= cfg.max_tokens:
+        if last:
             break
     # Bytes of a character the stream never completed are dropped; text held back
     # as a possible stop-string prefix is not: it comes as one last token.

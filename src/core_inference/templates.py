@@ -123,7 +123,10 @@ def render_jinja(
     def raise_exception(message: str) -> None:
         raise ValueError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # as transformers renders them: some templates use {% break %} / {% continue %}
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(source).render(

@@ -22,7 +22,10 @@ from .protocols import TextModel
 from .streaming import MetricsRecorder, Piece
 from .types import ClassifyResult, GenerateConfig, LoadConfig, Message, ModelInfo, Token
 
-FAKE_VOCAB = tuple("The quick brown fox jumps over the lazy dog . Hello world ! 你好 🙂".split())
+FAKE_VOCAB = (
+    "The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", ".",
+    "Hello", "world", "!", "你好", "🙂",
+)
 
 
 class FakeModel(BaseModel):
@@ -300,7 +303,7 @@ class BackendContract:
         prompts = [self.prompt, "Hello", "One two three"]
         results = model.batch_generate(prompts, max_tokens=6)
         assert len(results) == len(prompts)
-        for prompt, res in zip(prompts, results):
+        for prompt, res in zip(prompts, results, strict=True):
             assert res.err is None
             assert [t.id for t in res.tokens] == [t.id for t in _collect(model, prompt, max_tokens=6)]
 
