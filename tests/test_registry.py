@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -50,8 +51,11 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture
 def model_file(tmp_path: Path) -> Path:
+    """The smallest valid GGUF file: version 3, no tensors, one key (the architecture)."""
     path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF" + b"\0" * 60)
+    key, value = b"general.architecture", b"gemma3"
+    kv = struct.pack("<Q", len(key)) + key + struct.pack("<IQ", 8, len(value)) + value
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv)
     return path
 
 

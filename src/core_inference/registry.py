@@ -11,10 +11,8 @@ from .errors import (
     BackendNotRegistered,
     BackendUnavailable,
     InferenceError,
-    ModelLoadError,
     NoBackendAvailable,
 )
-from .formats import is_url
 from .options import apply_load_opts
 from .protocols import Backend, TextModel
 
@@ -193,8 +191,9 @@ def load_model(
         from .default_model import default_model_path
 
         path = default_model_path()
-    if not is_url(path) and not os.path.exists(path):
-        raise ModelLoadError(f"{os.fspath(path)}: no such file or folder")
+    from .validate import check_model_path  # missing, corrupt or truncated files: ModelLoadError
+
+    check_model_path(path)  # URLs pass unchecked
     backend = choose_backend(path, cfg.backend)
     return backend.load_model(path, cfg)
 

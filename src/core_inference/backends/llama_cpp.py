@@ -11,21 +11,30 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..backend import BaseBackend
 from ..context import Context
-from ..errors import ContextLengthExceeded, ModelClosed
-from ..gguf import GGML_TYPES, GGUFHeader, read_gguf
+from ..errors import ContextLengthExceeded, ModelClosed, ModelLoadError
+from ..gguf import GGML_TYPES, GGUFHeader
 from ..memory import cpu_count, process_memory
 from ..model import BaseModel
 from ..streaming import MetricsRecorder, Piece, finish_tokens
 from ..templates import builtin_template, no_template_error, render_jinja
 from ..types import BatchResult, ClassifyResult, GenerateConfig, LoadConfig, Message, ModelInfo, Token
+from ..validate import gguf_header
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
 PREFILL_CHUNK = 128  # prompt tokens per decode: the cancellation grain of prefill
 CLASSIFY_SEQS = 32  # prompts packed into one classify batch
+BATCH_SEQS = 64  # prompts decoded together by one batch_generate step (llama.cpp allows 256)
+MAX_CONTEXT_TOKENS = 0xFFFFFFFF  # llama.cpp's n_ctx is a uint32
+# llama.cpp checks these header values with GGML_ASSERT, which aborts the whole process
+# (llama-model.cpp, load_hparams); the limits are those of the llama.cpp this was built on.
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 
 
 class LlamaCppBackend(BaseBackend):
@@ -37,8 +46,60 @@ class LlamaCppBackend(BaseBackend):
     formats = ("gguf",)
 
     def _load(self, path: str, cfg: LoadConfig) -> LlamaCppModel:
-        header = read_gguf(path)  # llama.cpp can abort the process on a malformed file
+        header = gguf_header(path)  # llama.cpp can abort the process on a malformed file
+        check_hparams(header)  # ... or on values it asserts rather than checks
         return LlamaCppModel(path, header, cfg)
+
+
+def check_hparams(header: GGUFHeader) -> None:
+    """Refuse header values that would make llama.cpp abort the process while loading.
+
+    A structurally valid GGUF file can still carry, say, ``block_count = 0``: llama.cpp
+    meets it with ``GGML_ASSERT``, which kills the process instead of returning an
+    error. These are its generic hyperparameter asserts, checked here first.
+    """
+    arch = header.architecture
+    md = header.metadata
+
+    def num(key: str) -> int | None:
+        value = md.get(f"{arch}.{key}")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def fail(what: str) -> ModelLoadError:
+        return ModelLoadError(f"{header.path}: unsupported model: {what} (llama.cpp would abort on it)")
+
+    layers = num("block_count")
+    if layers is not None and not 1 <= layers <= LLAMA_MAX_LAYERS:
+        raise fail(f"{arch}.block_count is {layers}, not in 1..{LLAMA_MAX_LAYERS}")
+    for key in ("nextn_predict_layers", "posnet.block_count", "convnext.block_count"):
+        n = num(key)
+        if n is not None and layers is not None and n > layers:
+            raise fail(f"{arch}.{key} is {n}, more than block_count {layers}")
+    experts = num("expert_count") or 0
+    used_value = md.get(f"{arch}.expert_used_count")
+    used_items = used_value if isinstance(used_value, list) else [used_value]
+    used = max((u for u in used_items if isinstance(u, int)), default=0)
+    groups = num("expert_group_count") or 0
+    group_used = num("expert_group_used_count") or 0
+    if experts > LLAMA_MAX_EXPERTS:
+        raise fail(f"{arch}.expert_count is {experts}, more than {LLAMA_MAX_EXPERTS}")
+    if used > experts:
+        raise fail(f"{arch}.expert_used_count is {used}, more than expert_count {experts}")
+    if experts > 0:
+        if used == 0:
+            raise fail(f"{arch}.expert_count is {experts} but expert_used_count is 0")
+        if groups >= experts:
+            raise fail(f"{arch}.expert_group_count {groups} is not less than expert_count {experts}")
+        if groups > 1 and (experts % groups or not 0 < group_used < groups):
+            raise fail(
+                f"{arch}.expert_group_count {groups} with expert_count {experts} and "
+                f"expert_group_used_count {group_used}"
+            )
+    elif groups:
+        raise fail(f"{arch}.expert_group_count is {groups} without experts")
+    rope = md.get(f"{arch}.rope.scaling.type")
+    if isinstance(rope, str) and rope not in ROPE_SCALING_TYPES:
+        raise fail(f"{arch}.rope.scaling.type is {rope!r}, not one of {', '.join(ROPE_SCALING_TYPES)}")
 
 
 class LlamaCppModel(BaseModel):
@@ -48,21 +109,41 @@ class LlamaCppModel(BaseModel):
         from . import _llama_engine as engine
 
         slots = cfg.parallel_slots or 1
+        try:
+            chunk = int(cfg.engine_options.get("prefill_chunk", PREFILL_CHUNK))
+        except (TypeError, ValueError):
+            got = cfg.engine_options.get("prefill_chunk")
+            raise ValueError(f"engine_options: prefill_chunk must be an integer, got {got!r}") from None
+        if cfg.context_len * slots > MAX_CONTEXT_TOKENS:
+            raise ValueError(
+                f"context_len: {cfg.context_len} tokens x {slots} parallel slots is more than "
+                f"llama.cpp's limit of {MAX_CONTEXT_TOKENS} tokens"
+            )
         super().__init__(slots)
         self.path = path
         self.header = header
         self.model_type = header.architecture
         self.threads = cfg.threads or cpu_count()
-        self.prefill_chunk = int(cfg.engine_options.get("prefill_chunk", PREFILL_CHUNK))
+        self.prefill_chunk = chunk
         self._engine = engine
-        self._lock = threading.Lock()  # one llama.cpp call at a time on this model
-        self._model = engine.Model(path, cfg.gpu_layers)
-        train = self._model.n_ctx_train or DEFAULT_CONTEXT
-        self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
-        self._ctx: Any = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
-        self._free_seqs = list(range(slots))
+        self._engine_lock = threading.Lock()  # one llama.cpp call at a time on this model
+        self._batch_lock = threading.Lock()  # one classify/batch_generate at a time on _batch_ctx
+        self._model: Any = None
+        self._ctx: Any = None
         self._batch_ctx: Any = None
-        self._template = self._find_template()
+        self._free_seqs = list(range(slots))
+        try:
+            self._model = engine.Model(path, cfg.gpu_layers)
+            train = self._model.n_ctx_train or DEFAULT_CONTEXT
+            self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
+            self._ctx = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
+            self._template = self._find_template()
+        except BaseException:
+            # A model that never was: free what was made now (not when the garbage
+            # collector finds it), and no "was not closed" warning for it.
+            self._closed.set()
+            self._free()
+            raise
 
     # -- prompts and templates ---------------------------------------------------------
 
@@ -87,7 +168,7 @@ class LlamaCppModel(BaseModel):
         return frozenset(i for i in ids if i is not None)
 
     def _prompt_tokens(self, text: str, templated: bool) -> list[int]:
-        tokens = self._model.tokenize(text, add_special=not templated)
+        tokens: list[int] = self._model.tokenize(text, add_special=not templated)
         if len(tokens) + 1 > self.context_len:
             raise ContextLengthExceeded(len(tokens), self.context_len)
         return tokens
@@ -114,7 +195,7 @@ class LlamaCppModel(BaseModel):
         llama, model = self._ctx, self._model
         try:
             sampler.accept_all(tokens)
-            with self._lock:
+            with self._engine_lock:
                 llama.clear_seq(seq)
                 exclusive = len(self._free_seqs) == self._slots.size - 1
                 if exclusive:
@@ -122,7 +203,7 @@ class LlamaCppModel(BaseModel):
             tid = self._prefill(tokens, seq, ctx, sampler, rec)
             rec.prefill_done(len(tokens))
             pos = len(tokens)
-            limit = min(cfg.max_tokens, llama.per_seq - pos)
+            limit = min(cfg.max_tokens, min(llama.per_seq, self.context_len) - pos)
             batch = llama.batch
             for n in range(1, limit + 1):
                 if model.is_eog(tid) or tid in stop:
@@ -130,7 +211,7 @@ class LlamaCppModel(BaseModel):
                 yield tid, model.piece(tid)
                 if n == limit:
                     break
-                with self._lock:  # decode and sample together: logits belong to the last decode
+                with self._engine_lock:  # decode and sample together: logits belong to the last decode
                     batch.clear()
                     batch.add(tid, pos, seq, True)
                     llama.decode()
@@ -140,7 +221,7 @@ class LlamaCppModel(BaseModel):
                 self._fill_engine_timings(rec)
         finally:
             sampler.free()
-            with self._lock:
+            with self._engine_lock:
                 if self._ctx is not None:
                     llama.clear_seq(seq)
             self._free_seqs.append(seq)
@@ -157,7 +238,7 @@ class LlamaCppModel(BaseModel):
             if self._closed.is_set():
                 raise ModelClosed("model closed during prefill")
             chunk = tokens[start : start + step]
-            with self._lock:
+            with self._engine_lock:
                 batch = llama.batch
                 batch.clear()
                 for i, t in enumerate(chunk):
@@ -169,7 +250,7 @@ class LlamaCppModel(BaseModel):
         raise ValueError("prompt: no tokens to decode")
 
     def _fill_engine_timings(self, rec: MetricsRecorder) -> None:
-        with self._lock:
+        with self._engine_lock:
             prefill, decode, _, _ = self._ctx.perf()
         rec.prefill_duration, rec.decode_duration = prefill, decode
 
@@ -198,19 +279,37 @@ class LlamaCppModel(BaseModel):
     ) -> list[ClassifyResult]:
         encoded = [self._prompt_tokens(p, False) for p in prompts]
         results: list[ClassifyResult] = []
-        for start in range(0, len(encoded), CLASSIFY_SEQS):
-            group = encoded[start : start + CLASSIFY_SEQS]
-            results += self._classify_group(group, cfg, ctx)
+        with self._batch_turn(ctx):
+            for start in range(0, len(encoded), CLASSIFY_SEQS):
+                group = encoded[start : start + CLASSIFY_SEQS]
+                results += self._classify_group(group, cfg, ctx)
         rec.prompt_tokens = sum(map(len, encoded))
         rec.prefill_end = time.perf_counter()
         return results
+
+    @contextmanager
+    def _batch_turn(self, ctx: Context) -> Iterator[None]:
+        """Hold the batch context: classify and batch_generate calls take turns on it.
+
+        They pack their prompts as sequences 0..n-1 of one shared context (which a
+        call may also grow, freeing the old one), so two at once would mix their
+        sequences. The wait ends early if the call's context ends or the model closes.
+        """
+        while not self._batch_lock.acquire(timeout=0.02):
+            ctx.raise_if_done()
+            if self._closed.is_set():
+                raise ModelClosed("model closed while waiting for the batch context")
+        try:
+            yield
+        finally:
+            self._batch_lock.release()
 
     def _classify_group(
         self, group: list[list[int]], cfg: GenerateConfig, ctx: Context
     ) -> list[ClassifyResult]:
         ctx.raise_if_done()
         per_seq = _round_up(max(map(len, group)) + 1, 64)
-        with self._lock:
+        with self._engine_lock:
             llama = self._batch_context(CLASSIFY_SEQS, per_seq)
             llama.perf_reset()
             outputs = self._pack_prefill(llama, group, ctx)
@@ -258,7 +357,14 @@ class LlamaCppModel(BaseModel):
                 encoded[i] = self._prompt_tokens(p, False)
             except Exception as exc:  # one bad prompt does not sink the batch
                 errors[i] = exc
-        raw = self._decode_together(encoded, cfg, ctx, rec) if encoded else {}
+        raw: dict[int, list[Piece]] = {k: [] for k in encoded}
+        if encoded and cfg.max_tokens:
+            keys = list(encoded)
+            with self._batch_turn(ctx):
+                for start in range(0, len(keys), BATCH_SEQS):
+                    group = {k: encoded[k] for k in keys[start : start + BATCH_SEQS]}
+                    raw.update(self._decode_together(group, cfg, ctx, rec))
+            rec.prompt_tokens = sum(map(len, encoded.values()))
         results = []
         for i in range(len(prompts)):
             if i in errors:
@@ -274,24 +380,26 @@ class LlamaCppModel(BaseModel):
     ) -> dict[int, list[Piece]]:
         keys = list(encoded)
         prompts = [encoded[k] for k in keys]
-        per_seq = _round_up(max(map(len, prompts)) + cfg.max_tokens + 1, 64)
+        # room for the longest prompt and max_tokens, but never more than the context
+        per_seq = _round_up(min(max(map(len, prompts)) + cfg.max_tokens + 1, self.context_len), 64)
         out: dict[int, list[Piece]] = {k: [] for k in keys}
         samplers = [self._engine.Sampler(cfg, self._model.n_vocab) for _ in keys]
         try:
             for s, p in zip(samplers, prompts, strict=True):
                 s.accept_all(p)
-            with self._lock:
+            with self._engine_lock:
                 llama = self._batch_context(len(keys), per_seq)
                 outputs = self._pack_prefill(llama, prompts, ctx)
             rec.prefill_done(sum(map(len, prompts)))
             live = {seq: (outputs[seq], len(prompts[seq])) for seq in range(len(keys))}
+            seq_end = min(llama.per_seq, self.context_len)  # as generate: no position past the context
             texts = {seq: "" for seq in live}
             stop_ids = frozenset(cfg.stop_tokens)
             while live:
                 ctx.raise_if_done()
                 if self._closed.is_set():
                     raise ModelClosed("model closed during batch_generate")
-                with self._lock:
+                with self._engine_lock:
                     picks = {seq: samplers[seq].sample(llama, idx) for seq, (idx, _) in live.items()}
                     llama.batch.clear()
                     nxt = {}
@@ -302,7 +410,7 @@ class LlamaCppModel(BaseModel):
                         piece = self._model.piece(tid)
                         out[keys[seq]].append((tid, piece))
                         texts[seq] += piece.decode("utf-8", "ignore")
-                        done = len(out[keys[seq]]) >= cfg.max_tokens or pos + 1 >= llama.per_seq
+                        done = len(out[keys[seq]]) >= cfg.max_tokens or pos + 1 >= seq_end
                         if done or (cfg.stop and any(s in texts[seq] for s in cfg.stop)):
                             continue
                         nxt[seq] = (llama.batch.add(tid, pos, seq, True), pos + 1)
@@ -314,7 +422,7 @@ class LlamaCppModel(BaseModel):
         finally:
             for s in samplers:
                 s.free()
-            with self._lock:
+            with self._engine_lock:
                 if self._batch_ctx is not None:
                     for seq in range(len(keys)):
                         self._batch_ctx.clear_seq(seq)
@@ -337,14 +445,15 @@ class LlamaCppModel(BaseModel):
         )
 
     def _close_engine(self) -> None:
-        with self._lock:
+        with self._engine_lock:
             if self._batch_ctx is not None:
                 self._batch_ctx.free()
                 self._batch_ctx = None
             if self._ctx is not None:
                 self._ctx.free()
                 self._ctx = None
-            self._model.free()
+            if self._model is not None:
+                self._model.free()
 
 
 def _round_up(n: int, k: int) -> int:
