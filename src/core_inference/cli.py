@@ -147,25 +147,9 @@ def build_cli() -> click.Group:
         """List the GGUF files and Hugging Face folders under DIRECTORY."""
         run_discover(directory)
 
-    @cli.command("bench")
-    @click.option("-m", "--model", metavar="PATH", help="GGUF model (default: built-in).")
-    @click.option("--out", default="bench/results", show_default=True, metavar="DIR",
-                  help="Folder for <machine>.json and the chart.")
-    @click.option("--quick", is_flag=True, help="One tiny run of every row (numbers mean nothing).")
-    @click.option("--runs", type=int, metavar="N", help="Timed runs per side (default 5).")
-    @click.option("--threads", type=int, metavar="N", help="Engine threads on both sides (default: all).")
-    @click.option("--suite", multiple=True, metavar="NAME", help="Run only this suite (repeatable).")
-    def bench_cmd(
-        model: str | None, out: str, quick: bool, runs: int | None, threads: int | None,
-        suite: tuple[str, ...],
-    ) -> None:
-        """Time core-inference against each engine called directly, side by side."""
-        from .bench.runner import run_bench
+    from .bench.command import click_command  # the core only: no engine is imported here
 
-        results = run_bench(model, out, quick, runs=runs, threads=threads, suites=suite or None)
-        failed = [r for s in results["suites"] for r in s["rows"] if r["error"]]
-        if failed or any(s.get("error") for s in results["suites"]):
-            raise SystemExit(1)
+    cli.add_command(click_command())
 
     return cli
 

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,16 +183,74 @@ def test_chat_template_from_gguf_metadata_wins(model_path: Path, tmp_path: Path)
         assert list(m.chat([ci.Message("user", "Hi")], max_tokens=4))
 
 
-def test_long_prefill_is_cancelled_between_chunks(model: LlamaCppModel) -> None:
-    prompt = "The quick brown fox jumps over the lazy dog. " * 200  # about 2,000 tokens
-    n_prompt = len(model._model.tokenize(prompt, add_special=True))
-    assert n_prompt > 1800
-    ctx = ci.Context.background().with_timeout(0.1)
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 200  # about 2,000 tokens
+
+
+def _cancel_when_decoding(model: LlamaCppModel, ctx: ci.Context, calls: int = 1) -> threading.Thread:
+    """Cancel ``ctx`` as soon as the model has started ``calls`` more llama_decode calls."""
+    target = model.decode_calls + calls
+
+    def run() -> None:
+        while model.decode_calls < target:
+            time.sleep(0.001)
+        ctx.cancel()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_long_prefill_is_cancelled_inside_a_chunk(model: LlamaCppModel) -> None:
+    n_prompt = len(model._model.tokenize(LONG_PROMPT, add_special=True))
+    assert n_prompt > 1800 and model.prefill_chunk == 512
+    ctx = ci.Context.background().with_cancel()
+    before = model.decode_calls
+    canceller = _cancel_when_decoding(model, ctx)
+    with pytest.raises(ci.Cancelled):
+        list(model.generate(LONG_PROMPT, max_tokens=4, ctx=ctx))
+    canceller.join()
+    # cancelled while llama.cpp ran the first chunk of 512 tokens: that decode stopped part-way
+    assert model.decode_calls - before == 1
+    assert model.metrics().prompt_tokens == 0
+    assert isinstance(model.err(), ci.Cancelled)
+    # and a deadline stops it too; the model is fine afterwards
     with pytest.raises(ci.DeadlineExceeded):
-        list(model.generate(prompt, max_tokens=4, ctx=ctx))
-    done = model.metrics().prompt_tokens
-    assert 0 < done < n_prompt, "prefill was not cut short"
-    assert done % model.prefill_chunk == 0
+        list(model.generate(LONG_PROMPT, max_tokens=4, ctx=ci.Context.background().with_timeout(0.1)))
+    assert 0 <= model.metrics().prompt_tokens < n_prompt
+    assert text(list(model.generate(PROMPT, max_tokens=8))) == text(list(model.generate(PROMPT, max_tokens=8)))
+
+
+def test_prefill_abort_stops_only_its_own_call(model_path: Path) -> None:
+    """Both slots prefill long prompts; cancelling one leaves the other's answer as it is alone."""
+    other = "A long story about a lighthouse keeper and the sea. " * 40
+    with LlamaCppBackend().load_model(model_path, parallel_slots=2, threads=1) as m:
+        alone = text(list(m.generate(other, max_tokens=8)))
+        got: list[str] = []
+        for _ in range(3):
+            ctx = ci.Context.background().with_cancel()
+            t = threading.Thread(target=lambda: got.append(text(list(m.generate(other, max_tokens=8)))))
+            t.start()
+            canceller = _cancel_when_decoding(m, ctx, calls=2)  # both prefills under way
+            with pytest.raises(ci.Cancelled):
+                list(m.generate(LONG_PROMPT, max_tokens=4, ctx=ctx))
+            canceller.join()
+            t.join()
+        assert got == [alone] * 3
+
+
+def test_shared_model_prefills_in_smaller_chunks(model_path: Path) -> None:
+    """While another stream is decoding, a long prompt goes in chunks of 128: the other gets turns."""
+    with LlamaCppBackend().load_model(model_path, parallel_slots=2, threads=1) as m:
+        n_prompt = len(m._model.tokenize(LONG_PROMPT, add_special=True))
+        before = m.decode_calls
+        list(m.generate(LONG_PROMPT, max_tokens=1))
+        assert m.decode_calls - before == -(-n_prompt // 512)  # alone: n_batch at a time
+        stream = m.generate(PROMPT, max_tokens=400)
+        next(stream)  # the other stream holds a slot while the long prompt is prefilled
+        before = m.decode_calls
+        list(m.generate(LONG_PROMPT, max_tokens=1))
+        assert m.decode_calls - before >= -(-n_prompt // 128)
+        stream.close()
 
 
 def test_prompt_longer_than_context(model_path: Path) -> None:

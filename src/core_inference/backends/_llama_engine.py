@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,8 +25,14 @@ _backend_ready = threading.Lock()
 _initialised = False
 
 
+_decoding = threading.local()  # .abort_flag: the flag of the decode running on this thread
+
+
 @L.llama_log_callback  # type: ignore[untyped-decorator]
 def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    flag = getattr(_decoding, "abort_flag", None)
+    if flag is not None and flag[0] != b"\x00":
+        level = 1  # llama.cpp reports an abort we asked for as a failure: not the user's concern
     log.log(_LEVELS.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
 
 
@@ -37,6 +44,31 @@ def init_backend() -> None:
             L.llama_log_set(_log_callback, ctypes.c_void_p(0))
             L.llama_backend_init()
             _initialised = True
+
+
+class Aborted(InferenceError):
+    """``llama_decode`` stopped part-way because the context's abort flag was set."""
+
+
+def _flag_reader() -> Any:
+    """llama.cpp's abort callback as a C function that reads a flag, or None where none is found.
+
+    ggml calls the callback from its own worker thread after every node of the graph.
+    A Python callback would take the GIL each time (and wait for it while other Python
+    threads run), so a C function is given instead: libc's ``strlen`` over a two-byte
+    buffer returns 0 while the buffer is ``b"\\0\\0"`` and 1 once its first byte is set,
+    which is what a ``bool (*)(void *)`` returns on every ABI llama.cpp supports
+    (the result comes back in the return register, and the caller reads its low byte).
+    """
+    try:
+        libc = ctypes.CDLL(None) if sys.platform != "win32" else ctypes.cdll.msvcrt
+        address = ctypes.cast(libc.strlen, ctypes.c_void_p).value
+    except (OSError, AttributeError):  # no C library to be found: decodes run to the end
+        return None
+    return L.ggml_abort_callback(address) if address else None
+
+
+_FLAG_READER = _flag_reader()
 
 
 class Batch:
@@ -94,6 +126,18 @@ class Context:
         self.memory = L.llama_get_memory(self.ptr)
         self.batch = Batch(n_batch)
         self.decode_calls = 0  # how many batches went through the model (for tests and stats)
+        # b"\x01" in the first byte stops a running llama_decode at the next graph node
+        self._abort_flag = ctypes.create_string_buffer(2)
+        self.abortable = _FLAG_READER is not None
+        if self.abortable:
+            L.llama_set_abort_callback(self.ptr, _FLAG_READER, ctypes.cast(self._abort_flag, ctypes.c_void_p))
+
+    def abort(self) -> None:
+        """Stop the running (or next) ``decode`` part-way; safe from any thread."""
+        self._abort_flag[0] = b"\x01"
+
+    def clear_abort(self) -> None:
+        self._abort_flag[0] = b"\x00"
 
     def clear_seq(self, seq: int) -> None:
         L.llama_memory_seq_rm(self.memory, seq, -1, -1)
@@ -102,7 +146,13 @@ class Context:
         """Run the filled batch through the model."""
         self.batch.raw.n_tokens = self.batch.n
         self.decode_calls += 1
-        rc = L.llama_decode(self.ptr, self.batch.raw)
+        _decoding.abort_flag = self._abort_flag
+        try:
+            rc = L.llama_decode(self.ptr, self.batch.raw)
+        finally:
+            _decoding.abort_flag = None
+        if rc == 2 and self._abort_flag[0] != b"\x00":
+            raise Aborted("llama_decode aborted")
         if rc != 0:
             raise InferenceError(f"llama_decode failed with code {rc} (KV cache full or bad batch)")
 

@@ -26,7 +26,10 @@ from ..types import BatchResult, ClassifyResult, GenerateConfig, LoadConfig, Mes
 from ..validate import gguf_header
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
-PREFILL_CHUNK = 128  # prompt tokens per decode: the cancellation grain of prefill
+PREFILL_CHUNK = 512  # prompt tokens per decode while a stream has the model to itself (one n_batch)
+SHARED_PREFILL_CHUNK = 128  # ... and while other streams wait for their next token
+WATCH_PREFILL_OVER = SHARED_PREFILL_CHUNK  # longer prompts are watched: cancel or close stops a decode
+WATCH_INTERVAL = 0.01  # seconds between the watcher's looks at the call's context
 CLASSIFY_SEQS = 32  # prompts packed into one classify batch
 BATCH_SEQS = 64  # prompts decoded together by one batch_generate step (llama.cpp allows 256)
 MAX_CONTEXT_TOKENS = 0xFFFFFFFF  # llama.cpp's n_ctx is a uint32
@@ -128,6 +131,8 @@ class LlamaCppModel(BaseModel):
         self._engine = engine
         self._engine_lock = threading.Lock()  # one llama.cpp call at a time on this model
         self._batch_lock = threading.Lock()  # one classify/batch_generate at a time on _batch_ctx
+        self._abort_lock = threading.Lock()  # guards _armed: which call may abort the running decode
+        self._armed: object | None = None
         self._model: Any = None
         self._ctx: Any = None
         self._batch_ctx: Any = None
@@ -230,24 +235,82 @@ class LlamaCppModel(BaseModel):
     def _prefill(
         self, tokens: list[int], seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder
     ) -> int:
-        """Decode the prompt in chunks, checking the context between them; sample the first token."""
+        """Decode the prompt in chunks, checking the context between them; sample the first token.
+
+        A stream alone on the model prefills ``prefill_chunk`` tokens a decode; while other
+        streams wait for their next token, chunks shrink to ``SHARED_PREFILL_CHUNK`` so that
+        they get turns. A long prompt is watched meanwhile: its context ending, or
+        ``close()``, stops llama.cpp inside the running decode, not after it.
+        """
         llama = self._ctx
-        step = max(1, min(self.prefill_chunk, llama.n_batch))
-        for start in range(0, len(tokens), step):
-            ctx.raise_if_done()
-            if self._closed.is_set():
-                raise ModelClosed("model closed during prefill")
-            chunk = tokens[start : start + step]
-            with self._engine_lock:
-                batch = llama.batch
-                batch.clear()
-                for i, t in enumerate(chunk):
-                    batch.add(t, start + i, seq, start + i == len(tokens) - 1)
-                llama.decode()
-                rec.prompt_tokens = start + len(chunk)  # how far prefill got, if it is cut short
-                if start + step >= len(tokens):
-                    return int(sampler.sample(llama, batch.n - 1))
+        with self._watch(llama, ctx, len(tokens) > WATCH_PREFILL_OVER) as me:
+            start = 0
+            while start < len(tokens):
+                self._raise_if_ended(ctx, "prefill")
+                alone = len(self._free_seqs) >= self._slots.size - 1
+                step = self.prefill_chunk if alone else min(self.prefill_chunk, SHARED_PREFILL_CHUNK)
+                chunk = tokens[start : start + max(1, min(step, llama.n_batch))]
+                with self._engine_lock:
+                    batch = llama.batch
+                    batch.clear()
+                    for i, t in enumerate(chunk):
+                        batch.add(t, start + i, seq, start + i == len(tokens) - 1)
+                    self._decode_armed(llama, me, ctx)
+                    start += len(chunk)
+                    rec.prompt_tokens = start  # how far prefill got, if it is cut short
+                    if start >= len(tokens):
+                        return int(sampler.sample(llama, batch.n - 1))
         raise ValueError("prompt: no tokens to decode")
+
+    def _raise_if_ended(self, ctx: Context, during: str) -> None:
+        ctx.raise_if_done()
+        if self._closed.is_set():
+            raise ModelClosed(f"model closed during {during}")
+
+    def _decode_armed(self, llama: Any, me: object | None, ctx: Context) -> None:
+        """``llama.decode()`` that the watcher of call ``me`` may abort (under the engine lock)."""
+        if me is None:
+            llama.decode()
+            return
+        with self._abort_lock:
+            self._armed = me
+        try:
+            llama.decode()
+        except self._engine.Aborted:
+            self._raise_if_ended(ctx, "prefill")
+            raise  # not reached: only the watcher aborts, and only once the call has ended
+        finally:
+            with self._abort_lock:
+                self._armed = None
+                llama.clear_abort()
+
+    @contextmanager
+    def _watch(self, llama: Any, ctx: Context, wanted: bool) -> Iterator[object | None]:
+        """A thread that aborts this call's running decode once ``ctx`` ends or the model closes.
+
+        Yields the call's token for ``_decode_armed`` (None when not watched: short prompts,
+        or an engine without an abort callback). The abort flag belongs to the context, which
+        all slots share, so the watcher sets it only while this call's decode is the armed one.
+        """
+        if not (wanted and llama.abortable):
+            yield None
+            return
+        me, done = object(), threading.Event()
+
+        def watch() -> None:
+            while not done.wait(WATCH_INTERVAL):
+                if ctx.done() or self._closed.is_set():
+                    with self._abort_lock:
+                        if self._armed is me:
+                            llama.abort()
+
+        watcher = threading.Thread(target=watch, name="core-inference prefill watch", daemon=True)
+        watcher.start()
+        try:
+            yield me
+        finally:
+            done.set()
+            watcher.join()
 
     def _fill_engine_timings(self, rec: MetricsRecorder) -> None:
         with self._engine_lock:

@@ -22,7 +22,7 @@ def click_command() -> click.Command:
     import click
 
     @click.command("bench", help=HELP)
-    @click.option("--model", metavar="PATH", help="GGUF model (default: the embedded model).")
+    @click.option("-m", "--model", metavar="PATH", help="GGUF model (default: the embedded model).")
     @click.option("--out", default=DEFAULT_OUT_DIR, show_default=True, metavar="DIR", help="Results folder.")
     @click.option("--quick", is_flag=True, help="One tiny run of every row: proves it runs, times nothing.")
     @click.option("--runs", type=click.IntRange(1), metavar="N", help="Timed runs per side (default 5).")
@@ -30,12 +30,13 @@ def click_command() -> click.Command:
     @click.option("--suite", "suites", multiple=True, metavar="NAME", help="Only this suite (repeatable).")
     @click.option("--row", "rows", multiple=True, metavar="KEY", help="Only this row (repeatable).")
     @click.option("--machine", metavar="SLUG", help="Results file name (default: <cpu>-<cores>c).")
-    def bench(**kw: Any) -> int:
+    def bench(**kw: Any) -> None:
         results = run_bench(
             kw["model"], kw["out"], kw["quick"], runs=kw["runs"], threads=kw["threads"],
             suites=list(kw["suites"]) or None, rows=list(kw["rows"]) or None, machine=kw["machine"],
         )
         failed = any(r["error"] for s in results["suites"] for r in s["rows"])
-        return 1 if failed or any(s.get("error") for s in results["suites"]) else 0
+        if failed or any(s.get("error") for s in results["suites"]):
+            raise SystemExit(1)  # the table above says which row failed and why
 
     return bench

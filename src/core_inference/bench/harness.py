@@ -35,7 +35,7 @@ class BenchConfig:
     quick: bool = False  # tiny sizes: proves the harness runs, measures nothing
     decode_tokens: int = 128
     ttft_prompt_tokens: int = 512
-    prefill_chunks: tuple[int, ...] = (128, 512, 64)  # the first is the backend's default
+    prefill_chunks: tuple[int, ...] = (512, 128)  # the first is the backend's default
     batch_prompts: int = 16
     batch_tokens: int = 64
     classify_sentences: int = 256

@@ -256,15 +256,16 @@ def _prompt_of(llm: Any, n_tokens: int) -> tuple[str, list[int]]:
 
 
 def _ttft_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack, path: str) -> Row:
-    from .. import load_model
+    from .. import Context, load_model
     from ..backends.llama_cpp import PREFILL_CHUNK
 
     text, tokens = _prompt_of(llm, cfg.ttft_prompt_tokens)
 
-    def first_token(m: Any) -> Callable[[], float]:
+    def first_token(m: Any, cancellable: bool = False) -> Callable[[], float]:
         def run() -> float:
             start = time.perf_counter()
-            stream = m.generate(text, max_tokens=1)
+            ctx = Context.background().with_timeout(3600) if cancellable else None
+            stream = m.generate(text, max_tokens=1, ctx=ctx)
             next(stream)
             elapsed = time.perf_counter() - start
             stream.close()
@@ -290,6 +291,9 @@ def _ttft_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack, path: st
         name = f"ours: generate, prefill_chunk={chunk}" + (" (default)" if m is model else "")
         default_name = default_name or name
         sides.append(Side(name, first_token(m), True))
+        if m is model:
+            watched = f"ours: generate, prefill_chunk={chunk}, with a deadline (prefill watched)"
+            sides.append(Side(watched, first_token(m, cancellable=True), True))
     eval_name = "Llama.eval(prompt tokens)"
     sides.append(Side(eval_name, engine_eval, False))
     return Row(
@@ -300,8 +304,9 @@ def _ttft_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack, path: st
         reference=eval_name,
         higher_is_better=False,
         targets=[Target(default_name, "<=", 1.02, eval_name)],
-        note="ours: generate() call to first Token (tokenize, chunked prefill, first sample); "
-        "engine: Llama.eval of the same, already tokenized, tokens (no sampling)",
+        note="ours: generate() call to first Token (tokenize, chunked prefill, first sample); with "
+        "a deadline, a watcher thread stands ready to abort the running decode; engine: Llama.eval "
+        "of the same, already tokenized, tokens (no sampling)",
         info={"prompt_tokens": len(tokens), "prefill_chunks": list(cfg.prefill_chunks)},
     )
 
