@@ -203,6 +203,7 @@ def _cancel_when_decoding(model: LlamaCppModel, ctx: ci.Context, calls: int = 1)
 def test_long_prefill_is_cancelled_inside_a_chunk(model: LlamaCppModel) -> None:
     n_prompt = len(model._model.tokenize(LONG_PROMPT, add_special=True))
     assert n_prompt > 1800 and model.prefill_chunk == 512
+    expected = text(list(model.generate(PROMPT, max_tokens=8)))
     ctx = ci.Context.background().with_cancel()
     before = model.decode_calls
     canceller = _cancel_when_decoding(model, ctx)
@@ -217,7 +218,7 @@ def test_long_prefill_is_cancelled_inside_a_chunk(model: LlamaCppModel) -> None:
     with pytest.raises(ci.DeadlineExceeded):
         list(model.generate(LONG_PROMPT, max_tokens=4, ctx=ci.Context.background().with_timeout(0.1)))
     assert 0 <= model.metrics().prompt_tokens < n_prompt
-    assert text(list(model.generate(PROMPT, max_tokens=8))) == text(list(model.generate(PROMPT, max_tokens=8)))
+    assert text(list(model.generate(PROMPT, max_tokens=8))) == expected
 
 
 def test_prefill_abort_stops_only_its_own_call(model_path: Path) -> None:
