@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from core_inference import registry
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,21 @@ def default_model_file() -> Path:
     from core_inference.default_model import default_model_path
 
     return default_model_path(progress=False)
+
+
+@pytest.fixture
+def empty_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """An empty registry (no built-ins, no plugins) and no env override; restored afterwards."""
+    saved = (dict(registry._entries), dict(registry._broken), registry._plugins_loaded)
+    registry._entries.clear()
+    registry._broken.clear()
+    registry._plugins_loaded = True
+    monkeypatch.delenv(registry.ENV_BACKEND, raising=False)
+    try:
+        yield
+    finally:
+        registry._entries.clear()
+        registry._entries.update(saved[0])
+        registry._broken.clear()
+        registry._broken.update(saved[1])
+        registry._plugins_loaded = saved[2]

@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +31,8 @@ ENV = "CORE_INFERENCE_BACKEND"
 
 
 @pytest.fixture(autouse=True)
-def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def isolated_registry(empty_registry: None) -> None:
     """Each test starts from an empty registry (no built-ins, no plugins) and no env override."""
-    saved = (dict(registry._entries), dict(registry._broken), registry._plugins_loaded)
-    registry._entries.clear()
-    registry._broken.clear()
-    registry._plugins_loaded = True
-    monkeypatch.delenv(ENV, raising=False)
-    try:
-        yield
-    finally:
-        registry._entries.clear()
-        registry._entries.update(saved[0])
-        registry._broken.clear()
-        registry._broken.update(saved[1])
-        registry._plugins_loaded = saved[2]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,23 +87,11 @@ GOOD_ST = safetensors_bytes(
 
 
 @pytest.fixture
-def fake_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBackend]:
+def fake_registry(empty_registry: None) -> FakeBackend:
     """A registry holding only a fake backend that loads anything: validation alone decides."""
-    saved = (dict(registry._entries), dict(registry._broken), registry._plugins_loaded)
-    registry._entries.clear()
-    registry._broken.clear()
-    registry._plugins_loaded = True
-    monkeypatch.delenv(registry.ENV_BACKEND, raising=False)
     fake = FakeBackend("fake")
     registry.register(fake)
-    try:
-        yield fake
-    finally:
-        registry._entries.clear()
-        registry._entries.update(saved[0])
-        registry._broken.clear()
-        registry._broken.update(saved[1])
-        registry._plugins_loaded = saved[2]
+    return fake
 
 
 def load_fails(path: Path | str, *needles: str) -> ModelLoadError:
