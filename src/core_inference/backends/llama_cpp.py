@@ -191,7 +191,7 @@ class LlamaCppModel(BaseModel):
         with self._watch(llama, ctx, len(tokens) > WATCH_PREFILL_OVER) as me:
             start = 0
             while start < len(tokens):
-                self._raise_if_ended(ctx, "prefill")
+                self._raise_if_ended(ctx, "during prefill")
                 alone = len(self._free_seqs) >= self._slots.size - 1
                 step = self.prefill_chunk if alone else min(self.prefill_chunk, SHARED_PREFILL_CHUNK)
                 chunk = tokens[start : start + max(1, min(step, llama.n_batch))]
@@ -207,10 +207,11 @@ class LlamaCppModel(BaseModel):
                         return int(sampler.sample(llama, batch.n - 1))
         raise ValueError("prompt: no tokens to decode")
 
-    def _raise_if_ended(self, ctx: Context, during: str) -> None:
+    def _raise_if_ended(self, ctx: Context, when: str) -> None:
+        """``Cancelled``/``DeadlineExceeded`` if ``ctx`` ended, ``ModelClosed`` ("model closed <when>")."""
         ctx.raise_if_done()
         if self._closed.is_set():
-            raise ModelClosed(f"model closed during {during}")
+            raise ModelClosed(f"model closed {when}")
 
     def _decode_armed(self, llama: Any, me: object | None, ctx: Context) -> None:
         """``llama.decode()`` that the watcher of call ``me`` may abort (under the engine lock)."""
@@ -222,7 +223,7 @@ class LlamaCppModel(BaseModel):
         try:
             llama.decode()
         except self._engine.Aborted:
-            self._raise_if_ended(ctx, "prefill")
+            self._raise_if_ended(ctx, "during prefill")
             raise  # not reached: only the watcher aborts, and only once the call has ended
         finally:
             with self._abort_lock:
@@ -304,9 +305,7 @@ class LlamaCppModel(BaseModel):
         sequences. The wait ends early if the call's context ends or the model closes.
         """
         while not self._batch_lock.acquire(timeout=0.02):
-            ctx.raise_if_done()
-            if self._closed.is_set():
-                raise ModelClosed("model closed while waiting for the batch context")
+            self._raise_if_ended(ctx, "while waiting for the batch context")
         try:
             yield
         finally:
@@ -404,9 +403,7 @@ class LlamaCppModel(BaseModel):
             texts = {seq: "" for seq in live}
             stop_ids = frozenset(cfg.stop_tokens)
             while live:
-                ctx.raise_if_done()
-                if self._closed.is_set():
-                    raise ModelClosed("model closed during batch_generate")
+                self._raise_if_ended(ctx, "during batch_generate")
                 with self._engine_lock:
                     picks = {seq: samplers[seq].sample(llama, idx) for seq, (idx, _) in live.items()}
                     llama.batch.clear()
