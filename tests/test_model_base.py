@@ -566,6 +566,31 @@ def test_agenerate_context_cancel() -> None:
             asyncio.run(run())
 
 
+def test_agenerate_context_cancel_always_raises() -> None:
+    """Cancelled right after a token is handed over, the stream still ends with Cancelled.
+
+    The worker used to stop quietly when it saw the context ended between handing over a
+    token and asking for the next: about 1 stream in 60 ended as if it had finished.
+    """
+
+    async def run(model: FakeModel, ctx: Context) -> None:
+        n = 0
+        async for _tok in model.agenerate(PROMPT, max_tokens=100_000, ctx=ctx):
+            n += 1
+            if n == 2:
+                ctx.cancel()
+
+    quiet_ends = 0
+    for _ in range(200):
+        with FakeModel(delay=0.0005) as model:
+            try:
+                asyncio.run(run(model, Context.background().with_cancel()))
+                quiet_ends += 1
+            except Cancelled:
+                pass
+    assert quiet_ends == 0
+
+
 def test_aclassify_and_abatch_generate(model: FakeModel) -> None:
     prompts = [PROMPT, "Hello"]
 

@@ -375,8 +375,9 @@ async def _pump(
         try:
             for tok in start(inner):
                 put(tok)
-                if inner.done():
-                    break
+                # The caller's context ended (say why, as generate does) or the consumer
+                # left (nobody reads it): either way stop here, not at the next token.
+                inner.raise_if_done()
         except BaseException as exc:
             put(_Failure(exc))
         else:
