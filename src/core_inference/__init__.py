@@ -17,6 +17,7 @@ from .errors import (
     Cancelled,
     ContextLengthExceeded,
     DeadlineExceeded,
+    EngineError,
     InferenceError,
     ModelClosed,
     ModelLoadError,
@@ -87,7 +88,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Backend", "BackendNotRegistered", "BackendUnavailable", "BaseBackend", "BaseModel",
     "BatchResult", "Cancelled", "ClassifyResult", "Context", "ContextLengthExceeded",
-    "DeadlineExceeded", "DiscoveredModel", "GenerateConfig", "GenerateMetrics", "GenerateOption",
+    "DeadlineExceeded", "DiscoveredModel", "EngineError", "GenerateConfig", "GenerateMetrics", "GenerateOption",
     "InferenceError", "LoadConfig", "LoadOption", "Message", "ModelClosed", "ModelInfo",
     "ModelLoadError", "NoBackendAvailable", "TextModel", "Token", "apply_generate_opts",
     "apply_load_opts", "broken_backends", "default_backend", "default_model_path", "discover",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 
 
 class InferenceError(Exception):
@@ -32,22 +33,55 @@ class BackendUnavailable(InferenceError):
 
 
 class NoBackendAvailable(InferenceError):
-    """No registered backend is available and able to load the model."""
+    """No registered backend is available and able to load the model.
+
+    ``reasons`` maps each backend name that was tried to why it was passed over.
+    """
+
+    def __init__(self, message: str, reasons: Mapping[str, str] | None = None) -> None:
+        self.reasons: dict[str, str] = dict(reasons or {})
+        super().__init__(message)
 
 
 class ModelLoadError(InferenceError):
-    """A model is missing, corrupt, truncated or of a format no backend supports."""
+    """A model is missing, corrupt, truncated or of a format no backend supports.
+
+    ``path`` is the file or folder at fault when one is known (else None).
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        self.path: str | None = os.fspath(path) if path is not None else None
+        super().__init__(message)
 
 
 class ContextLengthExceeded(InferenceError, ValueError):
-    """The prompt (plus room to generate) does not fit the model's context."""
+    """The prompt (plus room to generate) does not fit the model's context.
 
-    def __init__(self, prompt_tokens: int, context_len: int) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.context_len = context_len
-        super().__init__(
-            f"prompt of {prompt_tokens} tokens does not fit the context of {context_len} tokens"
-        )
+    ``requested`` is the prompt's length in tokens and ``limit`` the context it had to fit.
+    """
+
+    def __init__(self, requested: int, limit: int) -> None:
+        self.requested = requested
+        self.limit = limit
+        super().__init__(f"prompt of {requested} tokens does not fit the context of {limit} tokens")
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The same as ``requested`` (the name before 0.2)."""
+        return self.requested
+
+    @property
+    def context_len(self) -> int:
+        """The same as ``limit`` (the name before 0.2)."""
+        return self.limit
+
+
+class EngineError(InferenceError):
+    """A failure inside an engine (llama.cpp, MLX, torch, vLLM, a remote server).
+
+    Each backend maps its engine's exceptions to this (or to a more specific contract
+    error) in one place, chaining the engine's own exception as ``__cause__``.
+    """
 
 
 class Cancelled(InferenceError):

@@ -159,15 +159,15 @@ def _usable(name: str, path: str | os.PathLike[str] | None) -> tuple[Backend | N
 
 def default_backend(path: str | os.PathLike[str] | None = None) -> Backend:
     """The first available backend in preference order (that can load ``path``, if given)."""
-    reasons = []
+    reasons: dict[str, str] = {}
     for name in preference_order():
         backend, reason = _usable(name, path)
         if backend is not None:
             return backend
-        reasons.append(f"  {name}: {reason}")
+        reasons[name] = reason
     what = f" for {os.fspath(path)!r}" if path is not None else ""
-    detail = "\n".join(reasons) or "  (no backends registered)"
-    raise NoBackendAvailable(f"no backend available{what}:\n{detail}")
+    detail = "\n".join(f"  {n}: {r}" for n, r in reasons.items()) or "  (no backends registered)"
+    raise NoBackendAvailable(f"no backend available{what}:\n{detail}", reasons)
 
 
 def choose_backend(path: str | os.PathLike[str], name: str = "") -> Backend:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import core_inference as ci
-from core_inference.backends.llama_cpp import LlamaCppBackend, LlamaCppModel
+from core_inference.backends.llama_cpp import LlamaCppBackend
+from core_inference.backends.llama_cpp.model import LlamaCppModel
 from core_inference.gguf import read_gguf
 from core_inference.memory import cpu_count, process_memory
 

@@ -58,7 +58,7 @@ def _versions() -> dict[str, str]:
 
 
 def _engine(path: str, n_ctx: int, threads: int) -> Any:
-    """llama-cpp-python's ``Llama`` with our backend's context settings (see ``_llama_engine``)."""
+    """llama-cpp-python's ``Llama`` with our backend's context settings (see ``backends/llama_cpp/engine.py``)."""
     from llama_cpp import Llama
 
     return Llama(
@@ -257,7 +257,7 @@ def _prompt_of(llm: Any, n_tokens: int) -> tuple[str, list[int]]:
 
 def _ttft_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack, path: str) -> Row:
     from .. import Context, load_model
-    from ..backends.llama_cpp import PREFILL_CHUNK
+    from ..backends.llama_cpp.model import PREFILL_CHUNK
 
     text, tokens = _prompt_of(llm, cfg.ttft_prompt_tokens)
 

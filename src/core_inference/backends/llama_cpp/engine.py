@@ -15,8 +15,8 @@ from typing import Any
 
 from llama_cpp import llama_cpp as L
 
-from ..errors import InferenceError, ModelLoadError
-from ..types import GenerateConfig
+from ...errors import InferenceError, ModelLoadError
+from ...types import GenerateConfig
 
 log = logging.getLogger("core_inference.llama_cpp")
 

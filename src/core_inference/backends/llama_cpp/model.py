@@ -14,17 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..backend import BaseBackend
-from ..context import Context
-from ..errors import ContextLengthExceeded, ModelClosed
-from ..gguf import GGML_TYPES, GGUFHeader
-from ..memory import cpu_count, process_memory
-from ..model import BaseModel
-from ..streaming import MetricsRecorder, Piece, finish_tokens
-from ..templates import builtin_template, no_template_error, render_jinja
-from ..types import BatchResult, ClassifyResult, GenerateConfig, LoadConfig, Message, ModelInfo, Token
-from ..validate import gguf_header
-from ._llama_hparams import check_hparams
+from ...context import Context
+from ...errors import ContextLengthExceeded, ModelClosed
+from ...gguf import GGML_TYPES, GGUFHeader
+from ...memory import cpu_count, process_memory
+from ...model import BaseModel
+from ...streaming import MetricsRecorder, Piece, finish_tokens
+from ...templates import builtin_template, no_template_error, render_jinja
+from ...types import BatchResult, ClassifyResult, GenerateConfig, LoadConfig, Message, ModelInfo, Token
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
 PREFILL_CHUNK = 512  # prompt tokens per decode while a stream has the model to itself (one n_batch)
@@ -36,25 +33,11 @@ BATCH_SEQS = 64  # prompts decoded together by one batch_generate step (llama.cp
 MAX_CONTEXT_TOKENS = 0xFFFFFFFF  # llama.cpp's n_ctx is a uint32
 
 
-class LlamaCppBackend(BaseBackend):
-    """GGUF files on llama.cpp: CPU here; Metal, CUDA, ROCm or Vulkan where it was built so."""
-
-    name = "llama_cpp"
-    extra = "llama-cpp"
-    engine_modules = ("llama_cpp",)
-    formats = ("gguf",)
-
-    def _load(self, path: str, cfg: LoadConfig) -> LlamaCppModel:
-        header = gguf_header(path)  # llama.cpp can abort the process on a malformed file
-        check_hparams(header)  # ... or on values it asserts rather than checks
-        return LlamaCppModel(path, header, cfg)
-
-
 class LlamaCppModel(BaseModel):
     """A GGUF model loaded in llama.cpp, serving ``parallel_slots`` sequences at once."""
 
     def __init__(self, path: str, header: GGUFHeader, cfg: LoadConfig) -> None:
-        from . import _llama_engine as engine
+        from . import engine
 
         slots = cfg.parallel_slots or 1
         try:
@@ -474,4 +457,4 @@ def _quant_group(quant: str) -> int:
     return 0
 
 
-__all__ = ["LlamaCppBackend", "LlamaCppModel", "Token"]
+__all__ = ["LlamaCppModel"]
