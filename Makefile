@@ -28,7 +28,7 @@ test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests stress
 	$(BIN)/mypy
 
 $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python

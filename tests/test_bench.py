@@ -129,10 +129,10 @@ def test_unknown_suite_is_a_key_error() -> None:
 
 def _default_model_or_skip() -> str:
     pytest.importorskip("llama_cpp")
-    import core_inference as ci
+    from core_inference.default_model import default_model_path
 
     try:
-        return str(ci.default_model_path(progress=False))
+        return str(default_model_path(progress=False))
     except Exception as exc:  # the default-model extra is not installed
         pytest.skip(f"default model unavailable: {exc}")
 
@@ -168,3 +168,20 @@ def test_click_command_runs_a_suite(toy_suite: str, tmp_path: Path) -> None:
     cmd.main(["--quick", "--suite", "toy", "--row", "other", "--out", str(tmp_path), "--machine", "d"],
              standalone_mode=False)
     assert json.loads((tmp_path / "d.json").read_text())["suites"][0]["rows"] == []
+
+
+def test_click_command_without_out_prints_and_writes_nothing(
+    toy_suite: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("click")
+    from core_inference.bench import click_command
+    from core_inference.bench.command import NOT_SAVED
+
+    monkeypatch.chdir(tmp_path)
+    status = click_command().main(["--quick", "--suite", "toy", "--machine", "c"], standalone_mode=False)
+    assert status is None
+    assert list(tmp_path.iterdir()) == []  # no bench/results/ invented under the current folder
+    err = capsys.readouterr().err
+    assert "| toy row | **ours** | 2 ops/s |" in err  # the results, printed
+    assert NOT_SAVED in err
+    assert "results: " not in err and "chart: " not in err  # no path to a file that is not kept

@@ -6,18 +6,20 @@ import importlib.util
 import io
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import core_inference
-from core_inference import GenerateConfig, Message
-from core_inference.cli import PROMPT, ChatSession, chat_turn, describe_error
-from core_inference.testing import FakeModel
+from core_inference import GenerateConfig, Message, registry
+from core_inference.cli import PROMPT, ChatSession, chat_turn, describe_error, main, unescape
+from core_inference.testing import FakeBackend, FakeModel
 
 ENTRY_POINT = Path(sys.executable).with_name("core-inference")
 CLI = [str(ENTRY_POINT)] if ENTRY_POINT.exists() else [sys.executable, "-m", "core_inference"]
@@ -126,7 +128,9 @@ def test_backends_shows_unavailable_and_broken_plugins(tmp_path: Path) -> None:
     ],
 )
 def test_invalid_option_value_is_one_error_line(flag: str, value: str, needle: str) -> None:
-    assert_one_error_line(run("generate", flag, value, QUESTION), needle)
+    result = run("generate", flag, value, QUESTION)
+    assert_one_error_line(result, needle)
+    assert result.returncode == 2  # a usage error, as docs/cli.md says
 
 
 def test_missing_model_is_one_error_line(tmp_path: Path) -> None:
@@ -138,7 +142,8 @@ def test_missing_model_is_one_error_line(tmp_path: Path) -> None:
 
 def test_unknown_backend_is_one_error_line(default_model_file: Path) -> None:
     result = run("generate", "--backend", "nope", "--model", str(default_model_file), QUESTION)
-    assert_one_error_line(result, "'nope' is not registered")
+    assert_one_error_line(result, "'nope' is not registered", "llama_cpp")
+    assert result.returncode == 2
 
 
 def test_discover_on_a_missing_folder_is_one_error_line(tmp_path: Path) -> None:
@@ -300,7 +305,7 @@ class RecordingModel(FakeModel):
         super().__init__(**kw)
         self.conversations: list[list[Message]] = []
 
-    def chat_prompt(self, messages: list[Message]) -> str:
+    def chat_prompt(self, messages: Sequence[Any]) -> str:
         self.conversations.append(list(messages))
         return super().chat_prompt(messages)
 
@@ -350,3 +355,199 @@ def test_errors_read_as_one_line() -> None:
         "no backend for 'm': a: gone; b: missing"
     )
     assert describe_error(KeyError()) == "KeyError"
+
+
+# -- defects fixed: the environment variable, usage errors, --stop escapes, info's template --
+
+
+def test_backends_reports_an_unknown_backend_in_the_environment() -> None:
+    result = run("backends", env=cli_env(CORE_INFERENCE_BACKEND="junk"))
+    line = assert_one_error_line(
+        result, "$CORE_INFERENCE_BACKEND=junk", "'junk' is not registered", "llama_cpp"
+    )
+    assert result.returncode == 1, line
+    assert "default: junk" not in result.stdout
+    assert result.stdout.splitlines()[0].split() == ["BACKEND", "STATUS", "DETAIL"]  # the table, still
+
+
+def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("generate", "-m", "", QUESTION), "must not be empty"),
+        (("generate", "--model", "", QUESTION), "must not be empty"),
+        (("chat", "--model", " "), "must not be empty"),
+        (("generate", "--backend", "", QUESTION), "must not be empty"),
+        (("info", ""), "must not be empty"),
+        (("info", "--backend", "nope"), "'nope' is not registered"),
+        (("generate", "--temperature", "-1", QUESTION), "temperature"),
+        (("generate", "--parallel-slots", "-2", QUESTION), "parallel_slots"),
+        (("generate", "--stop", "", QUESTION), "stop"),
+        (("generate", "--stop", "\\x4", QUESTION), "\\x needs 2 hex digits"),
+        (("generate", "--stop", "\\ud800", QUESTION), "lone surrogate"),
+        (("bench", "--out", ""), "must not be empty"),
+        (("no-such-command",), "No such command"),
+    ],
+)
+def test_usage_errors_exit_with_status_2(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], needle: str
+) -> None:
+    status, out, err = _in_process(capsys, *args)
+    assert status == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_empty_model_from_the_installed_command_is_a_usage_error() -> None:
+    result = run("generate", "--model", "", QUESTION)
+    assert_one_error_line(result, "--model", "must not be empty")
+    assert result.returncode == 2 and result.stdout == ""
+
+
+def test_info_no_load_on_a_file_that_is_not_gguf(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n")
+    status, _, err = _in_process(capsys, "info", "--no-load", str(text))
+    assert status == 2 and "--no-load needs a GGUF file" in err
+    status, _, err = _in_process(capsys, "info", "--no-load", str(tmp_path / "absent.gguf"))
+    assert status == 1 and "no such file" in err
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("\\n\\n", "\n\n"),
+        ("a\\tb", "a\tb"),
+        ("\\\\n", "\\n"),
+        ("\\x41\\u00e9\\u4f60", "Aé你"),
+        ("C:\\models", "C:\\models"),  # not an escape: left as typed
+        ("end\\", "end\\"),
+        ("\n", "\n"),  # a real newline passes through
+    ],
+)
+def test_unescape(typed: str, meant: str) -> None:
+    assert unescape(typed) == meant
+
+
+def test_stop_is_taken_with_escapes(
+    capsys: pytest.CaptureFixture[str], empty_registry: None, tmp_path: Path
+) -> None:
+    model = write_gguf(tmp_path / "tiny.gguf", {"general.architecture": "gemma3"})
+    registry.register(FakeBackend("fake", tokens=("one", "two\n\nthree", "four")))
+    args = ["generate", "-m", str(model), "-b", "fake", "-n", "6"]
+    status, out, err = _in_process(capsys, *args, "x")  # "x": the fake model starts at "one"
+    assert status == 0, err
+    assert "three" in out
+    status, out, err = _in_process(capsys, *args, "--stop", "\\n\\n", "x")  # as typed in a shell
+    assert status == 0, err
+    assert out == "one two\n"
+
+
+def write_gguf(path: Path, metadata: dict[str, Any]) -> Path:
+    """A GGUF file with no tensors and ``metadata`` (str, int as u32, lists of str or int)."""
+
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    def value(v: Any) -> bytes:
+        if isinstance(v, str):
+            return struct.pack("<I", 8) + string(v)
+        if isinstance(v, int):
+            return struct.pack("<II", 4, v)
+        if v and isinstance(v[0], str):
+            return struct.pack("<IIQ", 9, 8, len(v)) + b"".join(string(x) for x in v)
+        return struct.pack("<IIQ", 9, 4, len(v)) + b"".join(struct.pack("<I", x) for x in v)
+
+    body = b"".join(string(k) + value(v) for k, v in metadata.items())
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(metadata)) + body)
+    return path
+
+
+FILLER = [f"tok{i}" for i in range(200)]  # longer than the header reader keeps
+GEMMA_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "tokens", "template", "expected"),
+    [
+        ("gemma3", [*FILLER, *GEMMA_SPECIALS], None, "built-in gemma3 (none in the file; the vocabulary"),
+        ("gemma3", FILLER, None, "vocabulary lacks <start_of_turn>, <end_of_turn> of the built-in gemma3"),
+        ("gemma3", [*FILLER, "<start_of_turn>", "<end_of_turn>x"], None, "vocabulary lacks <end_of_turn> "),
+        ("gpt2", [*FILLER, *GEMMA_SPECIALS], None, "no built-in one for 'gpt2'"),
+        ("gemma3", FILLER, "{{ messages }}", "in file"),
+        ("gemma3", None, None, "cannot be told without loading"),
+    ],
+)
+def test_info_no_load_tells_which_chat_template_chat_would_use(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    arch: str, tokens: list[str] | None, template: str | None, expected: str,
+) -> None:
+    meta: dict[str, Any] = {"general.architecture": arch, "general.name": "t", "x.ints": list(range(100))}
+    if tokens is not None:
+        meta["tokenizer.ggml.tokens"] = tokens
+        meta["tokenizer.ggml.token_type"] = [1] * len(tokens)
+    if template is not None:
+        meta["tokenizer.chat_template"] = template
+    path = write_gguf(tmp_path / "m.gguf", meta)
+    status, out, err = _in_process(capsys, "info", "--no-load", str(path))
+    assert status == 0, err
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    note = fields["chat template"].strip()
+    assert expected in note, note
+    if expected != "in file" and "built-in gemma3 (" not in expected:
+        assert "built-in used" not in note and not note.startswith("built-in")
+
+
+def test_info_no_load_on_the_default_model_uses_the_builtin_template(default_model_file: Path) -> None:
+    result = run("info", "--no-load", str(default_model_file))
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert fields["chat template"].strip().startswith("built-in gemma3")
+
+
+RAISING_PLUGIN = """\
+from core_inference.testing import FakeBackend
+
+
+class Shaky(FakeBackend):
+    def why_unavailable(self):
+        raise RuntimeError("probing the GPU crashed")
+
+
+def metal():
+    return Shaky("metal")
+
+
+def cuda():
+    return FakeBackend("cuda")
+"""
+
+
+def test_a_plugin_whose_check_raises_does_not_break_the_others(tmp_path: Path) -> None:
+    (tmp_path / "shakyplug.py").write_text(RAISING_PLUGIN)
+    dist = tmp_path / "shakyplug-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shakyplug\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[core_inference.backends]\nmetal = shakyplug:metal\ncuda = shakyplug:cuda\n"
+    )
+    env = cli_env(PYTHONPATH=str(tmp_path))
+    model = write_gguf(tmp_path / "tiny.gguf", {"general.architecture": "gemma3"})
+    info = run("info", str(model), env=env)
+    assert info.returncode == 0, info.stderr
+    assert "Traceback" not in info.stderr
+    fields = dict(line.split(":", 1) for line in info.stdout.splitlines())
+    assert fields["backend"].strip() == "cuda"  # metal comes first, but its check raised
+    table = run("backends", env=env)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:-1]}
+    assert rows["metal"].split()[1] == "broken"
+    assert "why_unavailable() raised RuntimeError: probing the GPU crashed" in rows["metal"]
+    assert table.stdout.splitlines()[-1].startswith("default: cuda")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from core_inference import ModelLoadError
 from core_inference.formats import is_gguf, sniff_format
-from core_inference.gguf import KEEP_ARRAY_ITEMS, GGUFHeader, SkippedArray, read_gguf
+from core_inference.formats.gguf import KEEP_ARRAY_ITEMS, GGUFHeader, SkippedArray, read_gguf
 
 TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"tok{i}" for i in range(96)]
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"

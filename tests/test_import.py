@@ -33,8 +33,9 @@ def test_import_pulls_in_no_engine_or_framework() -> None:
 
 
 def test_import_of_every_core_module_pulls_in_no_engine() -> None:
-    core = ["context", "discover", "errors", "formats", "gguf", "model", "options", "protocols",
-            "registry", "streaming", "templates", "types", "testing", "backend", "default_model"]
+    core = ["context", "discover", "errors", "formats", "formats.gguf", "formats.hf", "formats.validate",
+            "model", "options", "protocols", "registry", "streaming", "templates", "types", "testing",
+            "backend", "default_model"]
     code = (
         "import sys, json, importlib\n"
         f"for m in {core!r}: importlib.import_module('core_inference.' + m)\n"

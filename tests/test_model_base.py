@@ -16,6 +16,7 @@ from core_inference import (
     Cancelled,
     Context,
     DeadlineExceeded,
+    EngineError,
     GenerateConfig,
     InferenceError,
     Message,
@@ -138,9 +139,10 @@ def test_err_is_the_raised_exception_then_none_after_success() -> None:
 def test_err_carries_the_engines_own_exception() -> None:
     boom = RuntimeError("engine exploded")
     with FakeModel(fail_after=1, error=boom) as model:
-        with pytest.raises(RuntimeError) as info:
+        with pytest.raises(EngineError) as info:
             solo(model)
-        assert info.value is boom and model.err() is boom
+        assert info.value.__cause__ is boom and model.err() is info.value
+        assert "engine exploded" in str(info.value)
 
 
 def test_err_after_cancel_is_the_raised_cancelled(model: FakeModel) -> None:
@@ -170,7 +172,7 @@ def test_close_from_another_thread_ends_the_stream_within_one_token() -> None:
     model = FakeModel(delay=0.01)
     got: list[Token] = []
     three = threading.Event()
-    outcome: dict[str, BaseException] = {}
+    outcome: dict[str, BaseException | None] = {}
 
     def consume() -> None:
         try:
@@ -180,6 +182,7 @@ def test_close_from_another_thread_ends_the_stream_within_one_token() -> None:
                     three.set()
         except BaseException as exc:
             outcome["exc"] = exc
+            outcome["err"] = model.err()  # err() is per thread: read it in the calling thread
 
     t = threading.Thread(target=consume)
     t.start()
@@ -190,7 +193,7 @@ def test_close_from_another_thread_ends_the_stream_within_one_token() -> None:
     assert not t.is_alive()
     assert isinstance(outcome.get("exc"), ModelClosed)
     assert len(got) <= seen_at_close + 1
-    assert model.err() is outcome["exc"]
+    assert outcome["err"] is outcome["exc"]
     assert model.engine_closed
 
 
@@ -312,8 +315,22 @@ def test_break_and_iterator_close_free_the_slot() -> None:
         assert len(solo(model, max_tokens=2, ctx=soon())) == 2
         stream = model.generate(PROMPT, max_tokens=100_000)
         next(stream)
-        with pytest.raises(DeadlineExceeded):  # the open stream holds the only slot
-            solo(model, max_tokens=2, ctx=Context.background().with_timeout(0.05))
+        # the open stream holds the only slot: another thread waits for it ...
+        waited: list[BaseException] = []
+
+        def other() -> None:
+            try:
+                solo(model, max_tokens=2, ctx=Context.background().with_timeout(0.05))
+            except BaseException as exc:
+                waited.append(exc)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(30)
+        assert len(waited) == 1 and isinstance(waited[0], DeadlineExceeded)
+        # ... and this thread, which holds it, is told so at once instead of waiting forever
+        with pytest.raises(InferenceError, match="already holds all 1"):
+            solo(model, max_tokens=2)
         stream.close()
         assert len(solo(model, max_tokens=2, ctx=soon())) == 2
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import core_inference as ci
-from core_inference import GenerateConfig, LoadConfig, apply_generate_opts, apply_load_opts
+from core_inference import GenerateConfig, LoadConfig
 from core_inference.testing import FakeModel
+
+if TYPE_CHECKING:  # the lazy re-exports are typed ``object``; give mypy their real signatures
+    from core_inference.options import apply_generate_opts, apply_load_opts
+else:
+    from core_inference import apply_generate_opts, apply_load_opts
 
 GENERATE_OPTIONS: list[tuple[Callable[[], Any], str, Any]] = [
     (lambda: ci.with_max_tokens(64), "max_tokens", 64),
@@ -147,7 +152,7 @@ def test_option_values_are_validated(opt: Callable[[], Any], field: str) -> None
         (lambda: ci.with_gpu_layers(-2), "gpu_layers", ValueError),
         (lambda: ci.with_parallel_slots(-1), "parallel_slots", ValueError),
         (lambda: ci.with_parallel_slots(True), "parallel_slots", TypeError),
-        (lambda: ci.with_backend(None), "backend", TypeError),
+        (lambda: ci.with_backend(None), "backend", TypeError),  # type: ignore[arg-type]
     ],
 )
 def test_load_option_values_are_validated(opt: Callable[[], Any], field: str, exc: type) -> None:

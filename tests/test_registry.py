@@ -17,13 +17,13 @@ import core_inference as ci
 from core_inference import (
     BackendNotRegistered,
     BackendUnavailable,
-    BaseBackend,
     InferenceError,
     LoadConfig,
     ModelLoadError,
     NoBackendAvailable,
     registry,
 )
+from core_inference.backend import BaseBackend
 from core_inference.protocols import TextModel
 from core_inference.testing import FakeBackend, FakeModel
 
@@ -323,8 +323,23 @@ def test_broken_lazy_backend_is_reported_and_skipped(model_file: Path) -> None:
         ci.default_backend(model_file)
 
 
+def test_builtins_table_is_read_only_with_lazy_spec_and_extra() -> None:
+    entry = registry.BUILTINS["llama_cpp"]
+    assert entry.spec == "core_inference.backends.llama_cpp:LlamaCppBackend"
+    assert entry.extra == "llama-cpp"
+    assert entry.install_hint == "pip install 'core-inference[llama-cpp]'"
+    with pytest.raises(TypeError):
+        registry.BUILTINS["evil"] = entry  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del registry.BUILTINS["llama_cpp"]  # type: ignore[attr-defined]
+    ci.register(FakeBackend("shown"))
+    view = registry.registered()
+    assert list(view) == ["shown"]
+    with pytest.raises(TypeError):
+        view["other"] = FakeBackend("other")  # type: ignore[index]
+
+
 def test_builtin_llama_cpp_is_a_lazy_string() -> None:
-    assert registry.BUILTINS["llama_cpp"] == "core_inference.backends.llama_cpp:LlamaCppBackend"
     code = textwrap.dedent(
         """
         import json, sys
@@ -440,3 +455,144 @@ def test_entry_point_plugins_working_and_broken(tmp_path: Path, model_file: Path
     # logged, once, on the library's logger
     logged = [line for line in out.stderr.splitlines() if line.startswith("LOG core_inference")]
     assert len(logged) == 1 and "brokenplug" in logged[0], out.stderr
+
+
+# -- backends that fail their own checks; plugins that take a built-in's name -----------
+
+
+class RaisingBackend(FakeBackend):
+    """A plugin backend whose own availability or format check raises."""
+
+    def __init__(self, name: str, method: str) -> None:
+        super().__init__(name)
+        self.method = method
+
+    def why_unavailable(self) -> str | None:
+        if self.method == "why_unavailable":
+            raise RuntimeError(f"{self.name}: probing the GPU driver crashed")
+        return None
+
+    def can_load(self, path: str | os.PathLike[str]) -> bool:
+        if self.method == "can_load":
+            raise RuntimeError(f"{self.name}: sniffing the file crashed")
+        return True
+
+
+@pytest.mark.parametrize("method", ["why_unavailable", "can_load"])
+def test_a_backend_whose_check_raises_is_reported_and_skipped(model_file: Path, method: str) -> None:
+    ci.register(RaisingBackend("metal", method))
+    ci.register(Recorder("llama_cpp"))
+    model = load_and_close(model_file)  # the failing "metal" no longer sinks every load
+    assert isinstance(model, FakeModel)
+    assert ci.get("llama_cpp").loaded == [str(model_file)]  # type: ignore[attr-defined]
+    reason = ci.broken_backends()["metal"]
+    assert f"{method}() raised RuntimeError" in reason and "crashed" in reason
+    assert ci.default_backend(model_file).name == "llama_cpp"
+    ci.unregister("llama_cpp")
+    with pytest.raises(NoBackendAvailable) as info:
+        ci.load_model(model_file)
+    assert f"{method}() raised RuntimeError" in info.value.reasons["metal"]
+
+
+def test_a_backend_whose_check_raises_shows_as_broken_in_the_status() -> None:
+    ci.register(RaisingBackend("metal", "why_unavailable"))
+    ci.register(FakeBackend("off", available=False))
+    ci.register(FakeBackend("on"))
+    rows = {name: (status, detail) for name, status, detail in registry.backend_status()}
+    assert rows["metal"][0] == "broken" and "probing the GPU driver crashed" in rows["metal"][1]
+    assert rows["off"] == ("unavailable", "the fake backend was made unavailable")
+    assert rows["on"] == ("available", "")
+    assert ci.default_backend().name == "on"
+
+
+def test_an_explicit_backend_whose_check_raises_is_unavailable(model_file: Path) -> None:
+    ci.register(RaisingBackend("shaky", "why_unavailable"))
+    with pytest.raises(BackendUnavailable, match="why_unavailable\\(\\) raised RuntimeError") as info:
+        ci.load_model(model_file, backend="shaky")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "shaky" in ci.broken_backends()
+
+
+def test_env_naming_an_unknown_backend_says_it_is_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    ci.register(FakeBackend("metal"))
+    monkeypatch.setenv(ENV, "junk")
+    with pytest.raises(BackendNotRegistered) as info:
+        registry.env_backend()
+    assert str(info.value).startswith(f"${ENV}=junk: backend 'junk' is not registered")
+    assert info.value.known == ["metal"]
+    monkeypatch.setenv(ENV, "metal")
+    assert registry.env_backend() == "metal"
+
+
+def _fake_entry_points(monkeypatch: pytest.MonkeyPatch, *specs: tuple[str, str]) -> None:
+    """Make the registry's next scan see these (name, "module:attr") entry points."""
+    from importlib import metadata
+
+    eps = [metadata.EntryPoint(name, value, registry.ENTRY_POINT_GROUP) for name, value in specs]
+
+    def entry_points(**kw: Any) -> list[metadata.EntryPoint]:
+        return eps if kw.get("group") == registry.ENTRY_POINT_GROUP else []
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_plugins", {})
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+
+
+def test_a_plugin_that_takes_a_builtins_name_is_reported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    builtin = registry.BUILTINS["llama_cpp"].spec
+    registry._entries["llama_cpp"] = builtin  # the empty registry, with the built-in back
+    module = "core_inference_shadow_plugin_test"
+    _fake_entry_points(
+        monkeypatch, ("llama_cpp", f"{module}:Backend"), ("extra", "core_inference.testing:FakeBackend")
+    )
+    with caplog.at_level("WARNING", logger=registry.LOGGER_NAME):
+        names = ci.list_backends()
+    assert names == ["extra", "llama_cpp"]
+    assert registry.registered()["llama_cpp"] == builtin  # the built-in is kept, still not imported
+    assert module not in sys.modules  # the shadowing plugin is not even imported
+    reason = ci.broken_backends()["llama_cpp (plugin)"]
+    assert f"entry point 'llama_cpp = {module}:Backend'" in reason
+    assert "built-in backend" in reason and "kept" in reason
+    assert "llama_cpp" not in ci.broken_backends()  # the built-in itself is fine
+    assert any("llama_cpp (plugin)" in r.getMessage() for r in caplog.records)
+    rows = [row for row in registry.backend_status() if row[0] == "llama_cpp (plugin)"]
+    assert rows == [("llama_cpp (plugin)", "broken", reason)]
+    registry.reload_plugins()  # a second scan neither reports "extra" as a clash nor loses it
+    assert set(ci.broken_backends()) == {"llama_cpp (plugin)"} and "extra" in ci.list_backends()
+
+
+def test_a_plugin_that_takes_a_registered_name_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = FakeBackend("mine")
+    ci.register(mine)
+    _fake_entry_points(monkeypatch, ("mine", "core_inference.testing:FakeBackend"))
+    assert ci.get("mine") is mine
+    assert "registered in this process" in ci.broken_backends()["mine (plugin)"]
+
+
+def test_plugins_are_imported_when_the_registry_is_first_asked(tmp_path: Path) -> None:
+    (tmp_path / "ci_lazyplug_backend.py").write_text(
+        "from core_inference.testing import FakeBackend\n\n"
+        "def make():\n    return FakeBackend('lazyplug')\n"
+    )
+    dist = tmp_path / "ci_lazyplug-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ci-lazyplug\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[core_inference.backends]\nlazyplug = ci_lazyplug_backend:make\n")
+    code = textwrap.dedent(
+        """
+        import json, sys
+        import core_inference
+        before = "ci_lazyplug_backend" in sys.modules
+        names = core_inference.list_backends()
+        print(json.dumps({"before": before, "after": "ci_lazyplug_backend" in sys.modules, "names": names}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(tmp_path), env.get("PYTHONPATH", "")] if p)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state["before"] is False and state["after"] is True
+    assert "lazyplug" in state["names"] and "llama_cpp" in state["names"]

@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core_inference import Cancelled, Context, DeadlineExceeded, GenerateConfig, ModelClosed, Token
+from core_inference import (
+    Cancelled,
+    Context,
+    DeadlineExceeded,
+    GenerateConfig,
+    InferenceError,
+    ModelClosed,
+    Token,
+)
 from core_inference.streaming import (
     MetricsRecorder,
     Piece,
@@ -198,7 +206,7 @@ def test_stop_string_across_tokens() -> None:
 def test_stop_string_prefix_released_at_end_of_stream() -> None:
     toks = finish([(1, b"a"), (2, b"b#")], stop=["##"])
     assert "".join(t.text for t in toks) == "ab#"
-    assert toks[-1] == Token(2, "#")  # the held tail comes with the id before it
+    assert toks == [Token(1, "a"), Token(2, "b#")]  # the held token comes whole, once
 
 
 def test_stop_string_prefix_released_at_max_tokens_without_an_extra_token() -> None:
@@ -316,8 +324,19 @@ def test_slot_queue_wait_is_cancelled_by_context() -> None:
 def test_slot_queue_wait_ends_at_deadline() -> None:
     q, closed = SlotQueue(1), threading.Event()
     q.acquire(Context.background(), closed)
-    with pytest.raises(DeadlineExceeded):
-        q.acquire(Context.background().with_timeout(0.05), closed)
+    t, got, errors = _acquire_in_thread(q, Context.background().with_timeout(0.05), closed)
+    t.join(10)
+    assert not got.is_set() and len(errors) == 1 and isinstance(errors[0], DeadlineExceeded)
+
+
+def test_slot_queue_refuses_a_thread_that_holds_every_slot() -> None:
+    q, closed = SlotQueue(2), threading.Event()
+    q.acquire(Context.background(), closed)
+    q.acquire(Context.background(), closed)
+    with pytest.raises(InferenceError, match="already holds all 2"):
+        q.acquire(Context.background(), closed)  # would wait for itself forever
+    q.release()
+    q.acquire(Context.background(), closed)  # one given back: no error, no wait
 
 
 def test_slot_queue_wait_ends_when_the_model_closes() -> None:

@@ -57,7 +57,7 @@ def test_generate_config_is_frozen() -> None:
 def test_generate_config_accepts_valid_edges() -> None:
     cfg = GenerateConfig(
         max_tokens=0, temperature=100.0, top_k=1, top_p=1.0, repeat_penalty=1.0, seed=0,
-        stop_tokens=[1, 2], stop=["a", "bc"], return_logits=True,
+        stop_tokens=[1, 2], stop=["a", "bc"], return_logits=True,  # type: ignore[arg-type]
     )
     assert cfg.stop_tokens == (1, 2) and cfg.stop == ("a", "bc")
     assert not cfg.greedy
@@ -65,7 +65,7 @@ def test_generate_config_accepts_valid_edges() -> None:
 
 
 def test_single_stop_string_becomes_a_tuple() -> None:
-    assert GenerateConfig(stop="###").stop == ("###",)
+    assert GenerateConfig(stop="###").stop == ("###",)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -92,8 +92,9 @@ def test_generate_config_out_of_range_is_value_error_naming_the_field(field: str
 @pytest.mark.parametrize("field", ["temperature", "top_p", "repeat_penalty"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_generate_config_rejects_nan_and_inf(field: str, value: float) -> None:
+    kwargs: dict[str, Any] = {field: value}
     with pytest.raises(ValueError, match=field):
-        GenerateConfig(**{field: value})
+        GenerateConfig(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -143,8 +144,9 @@ def test_load_config_defaults() -> None:
     [("context_len", -1), ("gpu_layers", -2), ("parallel_slots", -1), ("threads", -1)],
 )
 def test_load_config_out_of_range_is_value_error_naming_the_field(field: str, value: int) -> None:
+    kwargs: dict[str, Any] = {field: value}
     with pytest.raises(ValueError, match=field):
-        LoadConfig(**{field: value})
+        LoadConfig(**kwargs)
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 import core_inference as ci
 from core_inference import ModelLoadError, registry
+from core_inference.formats.validate import check_model_path, check_safetensors, gguf_header
 from core_inference.testing import FakeBackend
-from core_inference.validate import check_model_path, check_safetensors, gguf_header
 
 # -- builders ---------------------------------------------------------------------------
 
@@ -110,6 +110,33 @@ def load_fails(path: Path | str, *needles: str) -> ModelLoadError:
 
 def test_missing_path(tmp_path: Path) -> None:
     load_fails(tmp_path / "nope.gguf", "no such file or folder")
+
+
+def test_model_load_error_carries_the_path_at_fault(tmp_path: Path) -> None:
+    """``ModelLoadError.path`` is the file (or folder) at fault, for code that decides on it."""
+    cases: list[tuple[Path, Path]] = []
+    cases.append((tmp_path / "nope.gguf", tmp_path / "nope.gguf"))  # missing
+    bad_magic = tmp_path / "text.gguf"
+    bad_magic.write_bytes(b"NOPE" + b"\0" * 40)
+    cases.append((bad_magic, bad_magic))
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(gguf_bytes()[:-1])
+    cases.append((truncated, truncated))
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes(GOOD_ST)
+    cases.append((lone, lone))
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes(GOOD_ST)
+    cases.append((no_config, no_config / "config.json"))
+    bad_shard = hf_folder(tmp_path / "bad-shard", shards={"model.safetensors": GOOD_ST[:-1]})
+    cases.append((bad_shard, bad_shard / "model.safetensors"))
+    no_shards = hf_folder(tmp_path / "no-shards", shards={})
+    cases.append((no_shards, no_shards))
+    for path, at_fault in cases:
+        with pytest.raises(ModelLoadError) as info:
+            check_model_path(path)
+        assert info.value.path == str(at_fault), (path, info.value)
 
 
 def test_dangling_symlink(tmp_path: Path) -> None:
@@ -365,9 +392,9 @@ def test_values_llama_cpp_would_abort_on_are_load_errors(tmp_path: Path) -> None
     running = paths[len(done)] if len(done) < len(paths) else "?"
     assert proc.returncode == 0, f"the process died ({proc.returncode}) loading {Path(running).name}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for path in paths:
-        assert "llama.cpp would abort on it" in results[path], (path, results[path])
-        assert path in results[path]
+    for name in paths:
+        assert "llama.cpp would abort on it" in results[name], (name, results[name])
+        assert name in results[name]
 
 
 # -- Hugging Face folders -----------------------------------------------------------------
@@ -509,7 +536,7 @@ def test_zero_sized_tensor_and_sub_byte_dtypes(tmp_path: Path) -> None:
         check_safetensors(path)
 
 
-# -- fuzzing (short; bench/fuzz_gguf.py runs 10,000 inputs) ---------------------------------
+# -- fuzzing (short; stress/fuzz_gguf.py runs 10,000 inputs) ---------------------------------
 
 
 json_values = st.recursive(

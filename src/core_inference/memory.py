@@ -10,12 +10,15 @@ def process_memory() -> tuple[int, int]:
     """(resident bytes now, peak resident bytes) of this process; zeros where unknown."""
     if sys.platform.startswith("linux"):
         try:
-            with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
-                fields = dict(line.split(":", 1) for line in fh if ":" in line)
-            rss = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-            peak = int(fields.get("VmHWM", "0 kB").split()[0]) * 1024
+            # Bytes, not text: at interpreter exit (a stream still open when its generator
+            # is finalised) the codec registry may already be gone, and a text open()
+            # would fail with "LookupError: unknown encoding".
+            with open("/proc/self/status", "rb") as fh:
+                fields = dict(line.split(b":", 1) for line in fh if b":" in line)
+            rss = int(fields.get(b"VmRSS", b"0 kB").split()[0]) * 1024
+            peak = int(fields.get(b"VmHWM", b"0 kB").split()[0]) * 1024
             return rss, peak
-        except (OSError, ValueError):
+        except (OSError, ValueError, LookupError):
             return 0, 0
     try:
         import resource

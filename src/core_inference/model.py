@@ -1,36 +1,40 @@
 """``BaseModel``: the contract's machinery written once, so a backend writes only its engine calls.
 
-A backend subclasses ``BaseModel`` and implements ``_engine_generate`` (a raw stream of
-``(token id, bytes)``), ``_close_engine`` and, where the engine can, ``_engine_chat``,
-``_classify`` and ``_batch_generate``. Options, validation, slots, cancellation,
-stop handling, metrics, ``err()``, async and closing all live here.
+A backend subclasses ``BaseModel`` and implements its raw stream once, either sync
+(``_engine_generate``, a generator of ``(token id, bytes)``) or async
+(``_aengine_generate``, an async generator of the same), plus ``_close_engine`` and, where
+the engine can, ``_render_chat``, ``_tokenize``/``_detokenize``, ``_classify`` and
+``_batch_generate``. Options, validation, slots, cancellation, stop handling, metrics,
+the result per call, ``err()``, the other of sync/async, and closing all live here.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Generator,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from .aio import AsyncBridge, EngineLoop, SyncBridge, pump_thread
 from .context import Context
-from .errors import ModelClosed
+from .errors import Cancelled, EngineError, InferenceError, ModelClosed
 from .options import apply_generate_opts
-from .streaming import MetricsRecorder, Piece, SlotQueue, finish_tokens
-from .types import BatchResult, ClassifyResult, GenerateConfig, GenerateMetrics, Message, ModelInfo, Token
+from .results import AsyncTokenStream, CallResult, TokenStream, finish_reason_for
+from .streaming import MetricsRecorder, Piece, SlotQueue, TokenFinisher, afinish_tokens, finish_tokens
+from .types import (
+    BatchResult,
+    Capabilities,
+    ClassifyResult,
+    GenerateConfig,
+    GenerateMetrics,
+    Message,
+    ModelInfo,
+)
 
 MessageLike = Message | Mapping[str, Any]
 _R = TypeVar("_R")
 _M = TypeVar("_M", bound="BaseModel")
+_BACKGROUND = Context.background()
 
 
 def to_messages(messages: Sequence[MessageLike]) -> list[Message]:
@@ -39,7 +43,18 @@ def to_messages(messages: Sequence[MessageLike]) -> list[Message]:
         raise TypeError("messages: expected a list of Message or {'role', 'content'} mappings")
     if not messages:
         raise ValueError("messages: the conversation is empty")
-    return [m if isinstance(m, Message) else Message.from_dict(m) for m in messages]
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            out.append(m)
+        elif isinstance(m, Mapping):
+            out.append(Message.from_dict(m))
+        else:
+            raise TypeError(
+                f"messages[{i}]: expected a Message or a {{'role', 'content'}} mapping, "
+                f"got {type(m).__name__}"
+            )
+    return out
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -58,13 +73,21 @@ def _check_prompt(prompt: object) -> str:
     return prompt
 
 
-_END = object()
+class _Last:
+    """A thread's last call, for ``model.err()`` and ``model.metrics()``."""
+
+    __slots__ = ("err", "metrics")
+
+    def __init__(self) -> None:
+        self.err: BaseException | None = None
+        self.metrics = GenerateMetrics()
 
 
 class BaseModel:
     """Shared implementation of the ``TextModel`` contract."""
 
     model_type: str = ""
+    context_len: int = 0  # the loaded context in tokens (0 where unknown)
 
     def __init__(self, parallel_slots: int = 1) -> None:
         self._slots = SlotQueue(parallel_slots)
@@ -72,8 +95,8 @@ class BaseModel:
         self._lock = threading.Lock()
         self._active = 0
         self._freed = False
-        self._last_err: BaseException | None = None
-        self._last_metrics = GenerateMetrics()
+        self._tls = threading.local()
+        self._loop: EngineLoop | None = None
 
     # -- what a backend implements -------------------------------------------------
 
@@ -83,15 +106,41 @@ class BaseModel:
         """Raw (token id, bytes) stream for a prompt; checks ``ctx`` between prefill chunks."""
         raise NotImplementedError
 
-    def _engine_chat(
-        self, messages: list[Message], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
-    ) -> Iterator[Piece]:
-        """Raw stream for a conversation; by default the chat prompt through generate."""
-        return self._engine_generate(self.chat_prompt(messages), cfg, ctx, rec)
+    def _aengine_generate(
+        self, prompt: str, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> AsyncIterator[Piece]:
+        """The same as an async generator, for engines that are async (runs on ``engine_loop``)."""
+        raise NotImplementedError
 
-    def chat_prompt(self, messages: list[Message]) -> str:
-        """The prompt text the model's chat template builds for ``messages``."""
+    def _prepare_chat(self, messages: list[Message]) -> Any:
+        """What ``_engine_chat`` takes, built at the call so that a bad conversation fails there.
+
+        By default the prompt text of the model's chat template; a backend whose engine
+        takes the messages themselves (a chat endpoint) returns them.
+        """
+        return self.chat_prompt(messages)
+
+    def _engine_chat(
+        self, prepared: Any, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> Iterator[Piece]:
+        """Raw stream for a conversation; by default its chat prompt through generate."""
+        return self._engine_generate(prepared, cfg, ctx, rec)
+
+    def _aengine_chat(
+        self, prepared: Any, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> AsyncIterator[Piece]:
+        """``_engine_chat`` for async engines."""
+        return self._aengine_generate(prepared, cfg, ctx, rec)
+
+    def _render_chat(self, messages: list[Message]) -> str:
+        """The prompt text of the model's chat template for ``messages``."""
         raise NotImplementedError(f"{type(self).__name__} has no chat template")
+
+    def _tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError(f"{type(self).__name__} cannot tokenize")
+
+    def _detokenize(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError(f"{type(self).__name__} cannot detokenize")
 
     def _classify(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
@@ -105,19 +154,20 @@ class BaseModel:
         results = []
         for prompt in prompts:
             sub = MetricsRecorder()
+            fin = TokenFinisher(cfg, sub)
             raw: Iterator[Piece] | None = None
             try:
-                raw = self._engine_generate(prompt, cfg, ctx, sub)
-                tokens = tuple(finish_tokens(raw, cfg, ctx, sub, self._closed))
-                results.append(BatchResult(tokens))
+                raw = self._raw("generate", prompt, cfg, ctx, sub)
+                tokens = tuple(finish_tokens(raw, cfg, ctx, sub, self._closed, fin))
+                results.append(BatchResult(tokens, None, fin.finish_reason or "", fin.stop,
+                                           sub.prompt_tokens, sub.finish()))
             except Exception as exc:  # one bad prompt does not sink the batch
                 if ctx.err() is not None or self._closed.is_set():
                     raise  # ... but a cancelled call or a closed model does
-                results.append(BatchResult(err=exc))
+                results.append(BatchResult(err=self._mapped(exc), finish_reason="error",
+                                           prompt_tokens=sub.prompt_tokens, metrics=sub.finish()))
             finally:
-                close = getattr(raw, "close", None)
-                if close is not None:
-                    close()
+                _close(raw)
                 rec.prompt_tokens += sub.prompt_tokens
                 rec.generated_tokens += sub.generated_tokens
                 rec.first_token = rec.first_token or sub.first_token
@@ -126,29 +176,99 @@ class BaseModel:
     def _close_engine(self) -> None:
         """Free the engine's memory. Called once, when no call is running."""
 
-    def info(self) -> ModelInfo:
-        """What the model is."""
+    def _map_engine_error(self, exc: Exception) -> InferenceError:
+        """The contract error for an engine's own exception (the one place a backend maps them).
+
+        Contract errors, ``ValueError`` and ``TypeError`` (a caller's mistake) pass as
+        they are; this sees everything else. The default is ``EngineError``.
+        """
+        return EngineError(f"{type(self).__name__}: {type(exc).__name__}: {exc}")
+
+    def _describe(self) -> ModelInfo:
+        """What the model is, from its own files."""
         return ModelInfo(architecture=self.model_type)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this model can do; backends override what differs from what they implement."""
+        impl = type(self)
+        return Capabilities(
+            token_ids=True,
+            logits=impl._classify is not BaseModel._classify,
+            classify="native" if impl._classify is not BaseModel._classify else "",
+            batch_generate="native" if impl._batch_generate is not BaseModel._batch_generate else "fallback",
+            chat_template=impl._render_chat is not BaseModel._render_chat
+            or impl._engine_chat is not BaseModel._engine_chat,
+            tokenize=impl._tokenize is not BaseModel._tokenize,
+            parallel_slots=self._slots.size,
+            async_engine=self._is_async,
+        )
+
+    @property
+    def _is_async(self) -> bool:
+        return type(self)._aengine_generate is not BaseModel._aengine_generate
 
     # -- the contract --------------------------------------------------------------
 
-    def generate(
-        self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> Generator[Token, None, None]:
+    def generate(self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any) -> TokenStream:
         """Stream tokens for ``prompt``; options as ``with_x(...)`` or keywords."""
         cfg = apply_generate_opts(opts, **kw)
         prompt = _check_prompt(prompt)
         self._check_open()
-        return self._stream(lambda c, r: self._engine_generate(prompt, cfg, c, r), cfg, ctx)
+        return self._open("generate", prompt, cfg, ctx)
 
     def chat(
         self, messages: Sequence[MessageLike], *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> Generator[Token, None, None]:
+    ) -> TokenStream:
         """Stream the assistant's reply to a conversation, through the model's chat template."""
         cfg = apply_generate_opts(opts, **kw)
         msgs = to_messages(messages)
         self._check_open()
-        return self._stream(lambda c, r: self._engine_chat(msgs, cfg, c, r), cfg, ctx)
+        return self._open("chat", self._prepare_chat(msgs), cfg, ctx)
+
+    def agenerate(
+        self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any
+    ) -> AsyncTokenStream:
+        """``generate`` as an async iterator that never blocks the event loop."""
+        cfg = apply_generate_opts(opts, **kw)
+        prompt = _check_prompt(prompt)
+        self._check_open()
+        return self._aopen("generate", prompt, cfg, ctx)
+
+    def achat(
+        self, messages: Sequence[MessageLike], *opts: Any, ctx: Context | None = None, **kw: Any
+    ) -> AsyncTokenStream:
+        """``chat`` as an async iterator that never blocks the event loop."""
+        cfg = apply_generate_opts(opts, **kw)
+        msgs = to_messages(messages)
+        self._check_open()
+        return self._aopen("chat", self._prepare_chat(msgs), cfg, ctx)
+
+    def chat_prompt(self, messages: Sequence[MessageLike]) -> str:
+        """The prompt text the model's chat template builds for ``messages``.
+
+        It begins with the model's BOS text where the template writes one, and
+        ``generate`` adds no second BOS to a prompt that already begins with it, so
+        ``generate(model.chat_prompt(msgs))`` prefills what ``chat(msgs)`` does.
+        """
+        msgs = to_messages(messages)
+        self._check_open()
+        return self._render_chat(msgs)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids ``generate(text)`` would prefill (BOS included where it adds one)."""
+        _check_prompt(text)
+        self._check_open()
+        return self._tokenize(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of a sequence of token ids (control tokens render as nothing)."""
+        if isinstance(ids, (str, bytes)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
+            raise TypeError("ids: expected a sequence of int")
+        self._check_open()
+        return self._detokenize(ids)
 
     def classify(
         self, prompts: Sequence[str], *opts: Any, ctx: Context | None = None, **kw: Any
@@ -166,18 +286,6 @@ class BaseModel:
         items = check_prompts(prompts)
         return self._call(lambda c, r: self._batch_generate(items, cfg, c, r), ctx)
 
-    def agenerate(
-        self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> AsyncIterator[Token]:
-        """``generate`` as an async iterator that never blocks the event loop."""
-        return _aiter_thread(lambda c: self.generate(prompt, *opts, ctx=c, **kw), ctx)
-
-    def achat(
-        self, messages: Sequence[MessageLike], *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> AsyncIterator[Token]:
-        """``chat`` as an async iterator that never blocks the event loop."""
-        return _aiter_thread(lambda c: self.chat(messages, *opts, ctx=c, **kw), ctx)
-
     async def aclassify(
         self, prompts: Sequence[str], *opts: Any, ctx: Context | None = None, **kw: Any
     ) -> list[ClassifyResult]:
@@ -194,13 +302,18 @@ class BaseModel:
 
         return await asyncio.to_thread(self.batch_generate, prompts, *opts, ctx=ctx, **kw)
 
+    def info(self) -> ModelInfo:
+        """What the model is: architecture, sizes, trained context length, quantisation."""
+        self._check_open()
+        return self._describe()
+
     def metrics(self) -> GenerateMetrics:
-        """Counts and timings of the last finished call."""
-        return self._last_metrics
+        """Counts and timings of the calling thread's last finished call."""
+        return self._last().metrics
 
     def err(self) -> BaseException | None:
-        """The error that ended the last call, or None if it succeeded (the seed's ``Err``)."""
-        return self._last_err
+        """The error that ended the calling thread's last call, or None (the seed's ``Err``)."""
+        return self._last().err
 
     @property
     def closed(self) -> bool:
@@ -234,7 +347,22 @@ class BaseModel:
             closed.set()
             self._free()
 
+    # -- for backends --------------------------------------------------------------
+
+    def engine_loop(self) -> EngineLoop:
+        """The event loop an async engine runs on (one thread per model, made on first use)."""
+        with self._lock:
+            if self._loop is None:
+                self._loop = EngineLoop(f"core-inference {type(self).__name__} loop")
+            return self._loop
+
     # -- machinery -----------------------------------------------------------------
+
+    def _last(self) -> _Last:
+        last: _Last | None = getattr(self._tls, "last", None)
+        if last is None:
+            last = self._tls.last = _Last()
+        return last
 
     def _check_open(self) -> None:
         if self._closed.is_set():
@@ -245,160 +373,207 @@ class BaseModel:
             if self._freed:
                 return
             self._freed = True
-        self._close_engine()
+        try:
+            self._close_engine()
+        finally:
+            if self._loop is not None:
+                self._loop.stop()
 
-    def _enter(self, ctx: Context) -> None:
-        self._slots.acquire(ctx, self._closed)
+    def _enter(self, ctx: Context) -> int:
+        holder = self._slots.acquire(ctx, self._closed)
+        return self._entered(holder)
+
+    async def _aenter(self, ctx: Context) -> int:
+        holder = await self._slots.aacquire(ctx, self._closed)
+        return self._entered(holder)
+
+    def _entered(self, holder: int) -> int:
         with self._lock:
             self._active += 1
         if self._closed.is_set():
-            self._leave()
+            self._leave(holder)
             raise ModelClosed("the model is closed")
+        return holder
 
-    def _leave(self) -> None:
-        self._slots.release()
+    def _leave(self, holder: int) -> None:
+        self._slots.release(holder)
         with self._lock:
             self._active -= 1
             free_now = self._active == 0 and self._closed.is_set()
         if free_now:
             self._free()
 
-    def _stream(
-        self,
-        produce: Callable[[Context, MetricsRecorder], Iterator[Piece]],
-        cfg: GenerateConfig,
-        ctx: Context | None,
-    ) -> Generator[Token, None, None]:
+    def _mapped(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, (InferenceError, ValueError, TypeError)) or not isinstance(exc, Exception):
+            return exc
+        mapped = self._map_engine_error(exc)
+        mapped.__cause__ = exc
+        return mapped
+
+    def _raw(self, kind: str, payload: Any, cfg: GenerateConfig, ctx: Context,
+             rec: MetricsRecorder) -> Iterator[Piece]:
+        """The engine's raw stream as a sync iterator, whichever kind of engine it is."""
+        if self._is_async:
+            return SyncBridge(self.engine_loop(), self._araw(kind, payload, cfg, ctx, rec), ctx, self._closed)
+        if kind == "chat":
+            return self._engine_chat(payload, cfg, ctx, rec)
+        return self._engine_generate(payload, cfg, ctx, rec)
+
+    def _araw(self, kind: str, payload: Any, cfg: GenerateConfig, ctx: Context,
+              rec: MetricsRecorder) -> AsyncIterator[Piece]:
+        if kind == "chat":
+            return self._aengine_chat(payload, cfg, ctx, rec)
+        return self._aengine_generate(payload, cfg, ctx, rec)
+
+    def _open(self, kind: str, payload: Any, cfg: GenerateConfig, ctx: Context | None) -> TokenStream:
+        result = CallResult()
+        return TokenStream(self._run(kind, payload, cfg, ctx or _BACKGROUND, result, self._last()), result)
+
+    def _run(self, kind: str, payload: Any, cfg: GenerateConfig, ctx: Context,
+             result: CallResult, owner: _Last) -> Iterator[Any]:
         """The stream generator: waits for a slot on first ``next()``, frees it at the end."""
-        ctx = ctx or Context.background()
-        self._last_err = None
+        owner.err = None
         try:
-            self._enter(ctx)
+            holder = self._enter(ctx)
         except BaseException as exc:
-            self._last_err = exc
+            self._ended(result, owner, None, exc)
             raise
         rec = MetricsRecorder()
+        fin = TokenFinisher(cfg, rec)
         raw: Iterator[Piece] | None = None
+        failure: BaseException | None = None
         try:
-            raw = produce(ctx, rec)
-            yield from finish_tokens(raw, cfg, ctx, rec, self._closed)
-            self._last_err = None
+            raw = self._raw(kind, payload, cfg, ctx, rec)
+            yield from finish_tokens(raw, cfg, ctx, rec, self._closed, fin)
         except GeneratorExit:
             raise
         except BaseException as exc:
-            self._last_err = exc
+            failure = self._mapped(exc)
+            if failure is not exc:
+                raise failure from exc
             raise
         finally:
-            close = getattr(raw, "close", None)
-            if close is not None:
-                close()
-            self._last_metrics = rec.finish()
-            self._leave()
+            _close(raw)
+            self._ended(result, owner, rec, failure, fin)
+            self._leave(holder)
+
+    def _ended(self, result: CallResult, owner: _Last, rec: MetricsRecorder | None,
+               failure: BaseException | None, fin: TokenFinisher | None = None) -> None:
+        """Record a call's end in its result and in its thread's ``err()``/``metrics()``."""
+        if failure is not None:
+            result.finish_reason = finish_reason_for(failure)
+            result.err = owner.err = failure
+        else:
+            result.finish_reason = (fin.finish_reason if fin is not None else None) or "cancelled"
+        if fin is not None:
+            result.stop = fin.stop
+        if rec is not None:
+            result.metrics = owner.metrics = rec.finish()
+            result.prompt_tokens = rec.prompt_tokens
+
+    def _aopen(self, kind: str, payload: Any, cfg: GenerateConfig, ctx: Context | None) -> AsyncTokenStream:
+        result = CallResult()
+        owner = self._last()
+        inner = (ctx or _BACKGROUND).with_cancel()
+        if self._is_async:
+            native = self._arun(kind, payload, cfg, inner, result, owner)
+            return AsyncTokenStream(native, result, inner.cancel)
+        # A sync engine: one worker thread per stream runs the sync path, result and all.
+        left = threading.Event()
+
+        def consumer_left() -> None:
+            left.set()
+            inner.cancel()
+
+        def start() -> Iterator[Any]:
+            try:
+                yield from self._run(kind, payload, cfg, inner, result, owner)
+            except Cancelled:
+                if left.is_set():  # our own cancel, because nobody reads any more
+                    _forget(result, owner)
+                    return
+                raise
+
+        async def agen() -> AsyncIterator[Any]:
+            import asyncio
+
+            try:
+                async for tok in pump_thread(start, inner, consumer_left):
+                    yield tok
+            except (GeneratorExit, asyncio.CancelledError):
+                raise
+            except BaseException as exc:
+                if result.err is None:  # the caller's context ended between two tokens
+                    result.err = owner.err = exc
+                    result.finish_reason = finish_reason_for(exc)
+                raise
+
+        def on_drop() -> None:
+            if not result.finish_reason:
+                consumer_left()
+
+        return AsyncTokenStream(agen(), result, on_drop)
+
+    async def _arun(self, kind: str, payload: Any, cfg: GenerateConfig, ctx: Context,
+                    result: CallResult, owner: _Last) -> AsyncIterator[Any]:
+        """The async stream for an async engine, read through its loop one piece at a time."""
+        import asyncio
+
+        owner.err = None
+        try:
+            holder = await self._aenter(ctx)
+        except BaseException as exc:
+            self._ended(result, owner, None, exc)
+            raise
+        rec = MetricsRecorder()
+        fin = TokenFinisher(cfg, rec)
+        bridge = AsyncBridge(self.engine_loop(), self._araw(kind, payload, cfg, ctx, rec), ctx, self._closed)
+        failure: BaseException | None = None
+        try:
+            async for tok in afinish_tokens(bridge, cfg, ctx, rec, self._closed, fin):
+                yield tok
+        except (GeneratorExit, asyncio.CancelledError):
+            raise
+        except BaseException as exc:
+            failure = self._mapped(exc)
+            if failure is not exc:
+                raise failure from exc
+            raise
+        finally:
+            bridge.close()
+            self._ended(result, owner, rec, failure, fin)
+            self._leave(holder)
 
     def _call(self, work: Callable[[Context, MetricsRecorder], _R], ctx: Context | None) -> _R:
-        ctx = ctx or Context.background()
+        ctx = ctx or _BACKGROUND
         self._check_open()
-        self._last_err = None
+        owner = self._last()
+        owner.err = None
         rec = MetricsRecorder()
         try:
-            self._enter(ctx)
+            holder = self._enter(ctx)
             try:
-                result = work(ctx, rec)
+                return work(ctx, rec)
             finally:
-                self._last_metrics = rec.finish()
-                self._leave()
+                owner.metrics = rec.finish()
+                self._leave(holder)
         except BaseException as exc:
-            self._last_err = exc
+            failure = self._mapped(exc)
+            owner.err = failure
+            if failure is not exc:
+                raise failure from exc
             raise
-        return result
 
 
-def _aiter_thread(
-    start: Callable[[Context], Iterator[Token]], ctx: Context | None
-) -> AsyncIterator[Token]:
-    """Run a blocking token stream in a worker thread, feeding an asyncio queue.
-
-    When the consumer stops (break, ``aclose()``, task cancelled, or the iterator is
-    dropped), the worker's context is cancelled, so the engine stops at its next token
-    and frees its slot, even if the event loop never runs again to finalise the stream.
-    """
-    inner = (ctx or Context.background()).with_cancel()
-    return _ThreadStream(_pump(start, inner), inner)
+def _close(raw: object) -> None:
+    close = getattr(raw, "close", None)
+    if close is not None:
+        close()
 
 
-class _ThreadStream:
-    """The async iterator ``agenerate``/``achat`` return.
-
-    Python finalises an abandoned async generator only when its event loop next runs;
-    this wrapper cancels the worker at once when it is dropped, as a sync generator is
-    closed at once when a ``for`` loop breaks out of it.
-    """
-
-    __slots__ = ("_agen", "_inner")
-
-    def __init__(self, agen: AsyncGenerator[Token, None], inner: Context) -> None:
-        self._agen = agen
-        self._inner = inner
-
-    def __aiter__(self) -> _ThreadStream:
-        return self
-
-    def __anext__(self) -> Awaitable[Token]:
-        return self._agen.__anext__()
-
-    async def aclose(self) -> None:
-        """Stop the stream and its worker."""
-        self._inner.cancel()
-        await self._agen.aclose()
-
-    def __del__(self) -> None:
-        inner = getattr(self, "_inner", None)
-        if inner is not None:
-            inner.cancel()
-
-
-async def _pump(
-    start: Callable[[Context], Iterator[Token]], inner: Context
-) -> AsyncGenerator[Token, None]:
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone; nobody is listening
-            inner.cancel()
-
-    def work() -> None:
-        try:
-            for tok in start(inner):
-                put(tok)
-                # The caller's context ended (say why, as generate does) or the consumer
-                # left (nobody reads it): either way stop here, not at the next token.
-                inner.raise_if_done()
-        except BaseException as exc:
-            put(_Failure(exc))
-        else:
-            put(_END)
-
-    worker = threading.Thread(target=work, name="core-inference-stream", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = await queue.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        inner.cancel()
-
-
-class _Failure:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+def _forget(result: CallResult, owner: _Last) -> None:
+    """A stream the consumer left: cancelled, but no error of the caller's."""
+    if owner.err is result.err:
+        owner.err = None
+    result.err = None
+    result.finish_reason = "cancelled"

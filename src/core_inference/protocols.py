@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .context import Context
-from .types import BatchResult, ClassifyResult, GenerateMetrics, Message, ModelInfo, Token
+from .results import AsyncTokenStream, TokenStream
+from .types import BatchResult, Capabilities, ClassifyResult, GenerateMetrics, ModelInfo
 
 
 @runtime_checkable
@@ -16,21 +17,25 @@ class TextModel(Protocol):
 
     model_type: str
 
-    def generate(
-        self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> Generator[Token, None, None]: ...
+    @property
+    def context_len(self) -> int: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def generate(self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any) -> TokenStream: ...
 
     def chat(
         self, messages: Sequence[Any], *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> Generator[Token, None, None]: ...
+    ) -> TokenStream: ...
 
     def agenerate(
         self, prompt: str, *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> AsyncIterator[Token]: ...
+    ) -> AsyncTokenStream: ...
 
     def achat(
         self, messages: Sequence[Any], *opts: Any, ctx: Context | None = None, **kw: Any
-    ) -> AsyncIterator[Token]: ...
+    ) -> AsyncTokenStream: ...
 
     def classify(
         self, prompts: Sequence[str], *opts: Any, ctx: Context | None = None, **kw: Any
@@ -40,7 +45,11 @@ class TextModel(Protocol):
         self, prompts: Sequence[str], *opts: Any, ctx: Context | None = None, **kw: Any
     ) -> list[BatchResult]: ...
 
-    def chat_prompt(self, messages: list[Message]) -> str: ...
+    def chat_prompt(self, messages: Sequence[Any]) -> str: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
 
     def info(self) -> ModelInfo: ...
 
@@ -59,7 +68,8 @@ class TextModel(Protocol):
 class Backend(Protocol):
     """A named engine that can load models (the seed's ``Backend``)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def available(self) -> bool: ...
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import codecs
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .context import Context
-from .errors import ModelClosed
+from .errors import InferenceError, ModelClosed
 from .types import GenerateConfig, GenerateMetrics, Token
 
 
@@ -78,20 +78,35 @@ class StopMatcher:
         return -1
 
 
+FINISH_REASONS = ("length", "stop", "end_of_text", "context_full", "cancelled", "error")
+
+
 @dataclass
 class MetricsRecorder:
-    """Collects one call's counts and times; backends may fill in engine timings."""
+    """Collects one call's counts and times; backends may fill in engine timings.
+
+    ``prefill_duration``/``decode_duration`` are the engine's own time when a backend
+    measures it (its decode calls only, never a neighbour's); otherwise the stream
+    driver times each pull from the engine's raw stream, so a slow consumer is never
+    charged to the engine. ``finish_reason`` is set by a backend that ends a raw stream
+    for a reason of its own (``"context_full"``); a raw stream that just ends means
+    the engine produced its end-of-text token.
+    """
 
     start: float = field(default_factory=time.perf_counter)
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    decoded_tokens: int | None = None  # tokens that came from decode steps (default: all but the first)
     prefill_end: float = 0.0
     first_token: float = 0.0
     end: float = 0.0
     prefill_duration: float | None = None
     decode_duration: float | None = None
+    pulled_first: float = 0.0  # the driver's timing of the engine: the pull that gave the first token
+    pulled_rest: float = 0.0  # ... and every pull after it
     peak_memory_bytes: int = 0
     active_memory_bytes: int = 0
+    finish_reason: str = ""
 
     def prefill_done(self, prompt_tokens: int) -> None:
         """Mark the end of prefill."""
@@ -102,8 +117,15 @@ class MetricsRecorder:
         """Freeze into a ``GenerateMetrics``."""
         end = self.end or time.perf_counter()
         prefill_end = self.prefill_end or self.first_token or end
-        prefill = self.prefill_duration if self.prefill_duration is not None else prefill_end - self.start
-        decode = self.decode_duration if self.decode_duration is not None else end - prefill_end
+        prefill = self.prefill_duration
+        if prefill is None:
+            prefill = self.pulled_first or (prefill_end - self.start)
+        decode = self.decode_duration
+        if decode is None:
+            decode = self.pulled_rest if self.pulled_first else end - prefill_end
+        decoded = self.decoded_tokens
+        if decoded is None:
+            decoded = max(self.generated_tokens - 1, 0)
         ttft = (self.first_token - self.start) if self.first_token else 0.0
         return GenerateMetrics(
             prompt_tokens=self.prompt_tokens,
@@ -113,7 +135,7 @@ class MetricsRecorder:
             total_duration=end - self.start,
             time_to_first_token=ttft,
             prefill_tokens_per_sec=self.prompt_tokens / prefill if prefill > 0 else 0.0,
-            decode_tokens_per_sec=self.generated_tokens / decode if decode > 0 else 0.0,
+            decode_tokens_per_sec=decoded / decode if decode > 0 else 0.0,
             peak_memory_bytes=self.peak_memory_bytes,
             active_memory_bytes=self.active_memory_bytes,
         )
@@ -145,85 +167,286 @@ def _token_factory() -> Callable[[int, str], Token]:
 
 
 _make_token = _token_factory()
+_NONE: tuple[Token, ...] = ()
+
+
+class TokenFinisher:
+    """Turns an engine's raw ``(id, bytes | str)`` pieces into contract ``Token``s.
+
+    The one piece of stream logic that every backend, the sync and the async path, and
+    ``batch_generate`` share: max_tokens, stop ids (not yielded), whole-UTF-8 text and
+    stop strings matched across token boundaries. ``push`` returns the tokens that are
+    ready; once ``finish_reason`` is set the stream is over. A token whose text could be
+    the start of a stop string is held back whole (id and text) until the next pieces
+    decide: it is then released as it was, or cut at the stop. So every token yielded is
+    one engine token with its own id, in the engine's order, none twice, and a run with a
+    stop string yields a prefix of the same run without it. A token whose bytes end
+    mid-character carries "" and the next one the whole character.
+    """
+
+    __slots__ = (
+        "_decode", "_held", "_held_text", "_longest", "_rec", "_stop_ids", "_stops",
+        "count", "finish_reason", "max_tokens", "stop",
+    )
+
+    def __init__(self, cfg: GenerateConfig, rec: MetricsRecorder) -> None:
+        self.max_tokens = cfg.max_tokens
+        self._stop_ids = frozenset(cfg.stop_tokens)
+        self._stops = cfg.stop
+        self._longest = max(map(len, cfg.stop), default=0)
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._held: list[tuple[int, str]] = []
+        self._held_text = ""
+        self._rec = rec
+        self.count = 0
+        self.finish_reason: str | None = "length" if cfg.max_tokens == 0 else None
+        self.stop: str | int | None = None  # the stop string or stop id that fired
+
+    def push(self, tid: int, piece: bytes | str) -> tuple[Token, ...]:
+        """Feed one engine token; return the tokens ready to yield (often exactly one)."""
+        if tid in self._stop_ids:
+            out = self.end()  # what is held is decided now: a stop string in it fired first
+            if self.stop is None:
+                self.finish_reason, self.stop = "stop", tid
+            return out
+        self.count = count = self.count + 1
+        rec = self._rec
+        if count == 1:
+            rec.first_token = time.perf_counter()
+        rec.generated_tokens = count
+        text = piece if isinstance(piece, str) else self._decode(piece)
+        last = count >= self.max_tokens
+        if last:
+            self.finish_reason = "length"
+        if not self._stops:
+            return (_make_token(tid, text),)
+        self._held.append((tid, text))
+        buf = self._held_text = self._held_text + text
+        cut, which = self._earliest_match(buf)
+        if last:  # no piece can follow: decide now
+            if cut != -1:
+                self.finish_reason, self.stop = "stop", which
+            return self._release(len(buf) + 1 if cut == -1 else cut, cut != -1)
+        pending = self._earliest_partial(buf, len(buf) if cut == -1 else cut)
+        if pending == -1:
+            if cut == -1:
+                return self._release(len(buf) + 1)
+            self.finish_reason, self.stop = "stop", which
+            return self._release(cut, True)
+        return self._release(pending)
+
+    def end(self, reason: str = "end_of_text") -> tuple[Token, ...]:
+        """The engine's stream ended by itself: release what is held, record why it ended."""
+        if self.finish_reason is not None:
+            return _NONE
+        cut, which = self._earliest_match(self._held_text) if self._stops else (-1, "")
+        if cut != -1:
+            self.finish_reason, self.stop = "stop", which
+            return self._release(cut, True)
+        # Bytes of a character the stream never completed are dropped.
+        self.finish_reason = reason
+        return self._release(len(self._held_text) + 1)
+
+    def _release(self, upto: int, cut: bool = False) -> tuple[Token, ...]:
+        """The held tokens whose text ends before offset ``upto`` (a token that ends
+        exactly there goes too, unless it is an empty mid-character piece that belongs
+        to what follows). With ``cut`` a stop string starts at ``upto``: the token that
+        straddles it goes with its text up to there, and everything after is dropped."""
+        held = self._held
+        if not held:
+            return _NONE
+        out = []
+        pos = n = 0
+        for tid, text in held:
+            end = pos + len(text)
+            if end < upto or (end == upto and text):
+                out.append(_make_token(tid, text))
+                pos, n = end, n + 1
+                continue
+            if cut and pos < upto:
+                out.append(_make_token(tid, text[: upto - pos]))
+            break
+        if cut:
+            held.clear()
+            self._held_text = ""
+        else:
+            del held[:n]
+            self._held_text = self._held_text[pos:]
+        return tuple(out)
+
+    def _earliest_match(self, buf: str) -> tuple[int, str]:
+        cut, which = -1, ""
+        for stop in self._stops:
+            i = buf.find(stop)
+            if i != -1 and (cut == -1 or i < cut):
+                cut, which = i, stop
+        return cut, which
+
+    def _earliest_partial(self, buf: str, before: int) -> int:
+        """First index before ``before`` where the rest of ``buf`` is a proper prefix of a stop."""
+        stops = self._stops
+        for j in range(max(0, len(buf) - self._longest + 1), before):
+            tail = buf[j:]
+            if any(len(tail) < len(stop) and stop.startswith(tail) for stop in stops):
+                return j
+        return -1
 
 
 def finish_tokens(
-    pieces: Iterator[Piece],
+    pieces: Iterable[Piece],
     cfg: GenerateConfig,
     ctx: Context,
     rec: MetricsRecorder,
     closed: threading.Event | None = None,
+    finisher: TokenFinisher | None = None,
 ) -> Iterator[Token]:
-    """Turn an engine's raw (id, bytes) stream into contract ``Token``s.
+    """Drive an engine's raw sync stream through a ``TokenFinisher``: the sync path.
 
-    Applies max_tokens, stop token ids (not yielded), whole-UTF-8 text, stop strings
-    (the text before the stop is yielded) and the context/closed checks between tokens.
-    A token whose bytes end mid-character carries "" and the next one the whole
-    character; text held back as a possible stop prefix that no stop followed comes
-    as a last token with the id of the token before it (at ``max_tokens`` it is joined
-    to the last token instead, so at most ``max_tokens`` tokens are yielded).
+    Checks the context and ``closed`` before each piece, and times each pull from the
+    engine (the first one is prefill) so that the consumer's own time between tokens
+    is never counted as the engine's.
     """
-    max_tokens = cfg.max_tokens
-    if max_tokens == 0:
+    fin = finisher or TokenFinisher(cfg, rec)
+    if fin.finish_reason is not None:  # max_tokens=0: the engine is not pulled at all
         return
-    # This loop runs once per token: everything it calls is bound to a local first.
-    stop_ids = frozenset(cfg.stop_tokens)
-    utf8 = Utf8Holdback()._decode  # the decoder's own C method: one call per piece
-    matcher = StopMatcher(cfg.stop) if cfg.stop else None
+    push = fin.push
     check_ctx = None if ctx is Context.background() else ctx.raise_if_done
     is_closed = None if closed is None else closed.is_set
-    token = _make_token
-    last_id = -1
-    count = 0
+    clock = time.perf_counter
+    spent = 0.0
+    t = clock()
     for tid, piece in pieces:
+        now = clock()
+        if fin.count:
+            spent += now - t
+        else:
+            rec.pulled_first = now - t
         if check_ctx is not None:
             check_ctx()
         if is_closed is not None and is_closed():
             raise ModelClosed("model closed during the call")
-        if stop_ids and tid in stop_ids:
-            break
-        count += 1  # noqa: SIM113 (stop ids are not counted)
-        if count == 1:
-            rec.first_token = time.perf_counter()
-        rec.generated_tokens = count
-        text = piece if isinstance(piece, str) else utf8(piece)
-        last_id = tid
-        last = count >= max_tokens
-        if matcher is not None:
-            text, stopped = matcher.feed(text)
-            if stopped:
-                if text:
-                    yield token(tid, text)
-                return
-            if last:  # no stop can follow: release the held-back text with this token
-                text += matcher.flush()
-        yield token(tid, text)
-        if last:
-            break
-    # Bytes of a character the stream never completed are dropped; text held back
-    # as a possible stop-string prefix is not: it comes as one last token.
-    if matcher is not None:
-        tail = matcher.flush()
-        if tail:
-            yield Token(last_id, tail)
+        out = push(tid, piece)
+        if out:
+            yield from out
+        if fin.finish_reason is not None:
+            rec.pulled_rest = spent
+            return
+        t = clock()
+    rec.pulled_rest = spent
+    yield from fin.end(rec.finish_reason or "end_of_text")
+
+
+async def afinish_tokens(
+    pieces: AsyncIterator[Piece],
+    cfg: GenerateConfig,
+    ctx: Context,
+    rec: MetricsRecorder,
+    closed: threading.Event | None = None,
+    finisher: TokenFinisher | None = None,
+) -> AsyncIterator[Token]:
+    """``finish_tokens`` for an engine's raw async stream: the async path."""
+    fin = finisher or TokenFinisher(cfg, rec)
+    if fin.finish_reason is not None:
+        return
+    clock = time.perf_counter
+    spent = 0.0
+    t = clock()
+    async for tid, piece in pieces:
+        now = clock()
+        if fin.count:
+            spent += now - t
+        else:
+            rec.pulled_first = now - t
+        ctx.raise_if_done()
+        if closed is not None and closed.is_set():
+            raise ModelClosed("model closed during the call")
+        for tok in fin.push(tid, piece):
+            yield tok
+        if fin.finish_reason is not None:
+            rec.pulled_rest = spent
+            return
+        t = clock()
+    rec.pulled_rest = spent
+    for tok in fin.end(rec.finish_reason or "end_of_text"):
+        yield tok
+
+
+def engine_seed(seed: int, bits: int = 32) -> int:
+    """A caller's seed hashed down to an engine's seed width, the same on every backend.
+
+    Engines take 32-bit (or 64-bit) seeds, and llama.cpp reads 0xFFFFFFFF as "pick a
+    random seed": passing seeds through would make ``seed=2**32 + 5`` equal ``seed=5``
+    and one seed random. Hashing (BLAKE2b of the decimal seed) keeps equal seeds equal,
+    makes small and large seeds independent in practice, and the all-ones value is
+    never returned; only ``seed=None`` means random.
+    """
+    import hashlib
+
+    digest = hashlib.blake2b(str(int(seed)).encode(), digest_size=8).digest()
+    top = (1 << bits) - 1
+    value = int.from_bytes(digest, "little") & top
+    return value - 1 if value == top else value
 
 
 class SlotQueue:
-    """At most ``n`` calls run at once; the rest wait their turn, cancellable by context."""
+    """At most ``n`` calls run at once; the rest wait their turn, cancellable by context.
+
+    It knows which thread holds each slot, so a thread that already holds every slot
+    (a stream left open while it starts another call) gets an error instead of
+    waiting for itself forever.
+    """
 
     def __init__(self, n: int) -> None:
         self.size = max(1, n)
         self._sem = threading.Semaphore(self.size)
+        self._holders: dict[int, int] = {}  # thread ident -> slots it holds
+        self._lock = threading.Lock()
 
-    def acquire(self, ctx: Context, closed: threading.Event) -> None:
-        """Wait for a free slot, or raise if the context ends or the model closes."""
+    def _took(self, holder: int) -> int:
+        with self._lock:
+            self._holders[holder] = self._holders.get(holder, 0) + 1
+        return holder
+
+    def acquire(self, ctx: Context, closed: threading.Event) -> int:
+        """Wait for a free slot, or raise if the context ends or the model closes.
+
+        Returns the holder's id, to give back to ``release``.
+        """
+        me = threading.get_ident()
         if self._sem.acquire(blocking=False):
-            return
+            return self._took(me)
+        with self._lock:
+            mine = self._holders.get(me, 0)
+        if mine >= self.size:
+            raise InferenceError(
+                f"this thread already holds all {self.size} of the model's slots with streams it "
+                "has not finished: finish or close() them before starting another call here, or "
+                "load the model with more parallel_slots"
+            )
         while not self._sem.acquire(timeout=0.02):
             ctx.raise_if_done()
             if closed.is_set():
                 raise ModelClosed("model closed while waiting for a slot")
+        return self._took(me)
 
-    def release(self) -> None:
-        """Give a slot back."""
+    async def aacquire(self, ctx: Context, closed: threading.Event) -> int:
+        """``acquire`` for an event loop: waits without blocking it (tasks may hold many slots)."""
+        import asyncio
+
+        while not self._sem.acquire(blocking=False):
+            ctx.raise_if_done()
+            if closed.is_set():
+                raise ModelClosed("model closed while waiting for a slot")
+            await asyncio.sleep(0.01)
+        return self._took(-1)
+
+    def release(self, holder: int | None = None) -> None:
+        """Give a slot back (``holder``: what ``acquire`` returned; default this thread)."""
+        holder = threading.get_ident() if holder is None else holder
+        with self._lock:
+            left = self._holders.get(holder, 0) - 1
+            if left > 0:
+                self._holders[holder] = left
+            else:
+                self._holders.pop(holder, None)
         self._sem.release()

@@ -131,27 +131,6 @@ class LoadConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ClassifyResult:
-    """The token sampled at the last prompt position, with its logits when asked for."""
-
-    token: Token
-    logits: Sequence[float] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    """One prompt's output from ``batch_generate``; ``err`` holds its own failure."""
-
-    tokens: tuple[Token, ...] = ()
-    err: BaseException | None = None
-
-    @property
-    def text(self) -> str:
-        """The generated text, joined."""
-        return "".join(t.text for t in self.tokens)
-
-
-@dataclass(frozen=True, slots=True)
 class GenerateMetrics:
     """Counts and timings of the last call (durations in seconds, 0 where unknown)."""
 
@@ -166,6 +145,66 @@ class GenerateMetrics:
     peak_memory_bytes: int = 0
     active_memory_bytes: int = 0
 
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyResult:
+    """The token sampled at the last prompt position, with its logits when asked for.
+
+    ``prompt_tokens`` and ``metrics`` are this prompt's (timings are those of the batch
+    it was prefilled in); ``err`` holds its own failure, if it had one.
+    """
+
+    token: Token
+    logits: Sequence[float] | None = None
+    prompt_tokens: int = 0
+    metrics: GenerateMetrics = field(default=GenerateMetrics(), compare=False)
+    err: BaseException | None = None
+
+    @property
+    def finish_reason(self) -> str:
+        """"length" (one token was asked for and sampled), or "error"."""
+        return "error" if self.err is not None else "length"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One prompt's output from ``batch_generate``; ``err`` holds its own failure.
+
+    ``finish_reason`` and ``stop`` say why this prompt ended, as on a ``TokenStream``;
+    ``metrics`` are its own counts with the timings of the batch it ran in.
+    """
+
+    tokens: tuple[Token, ...] = ()
+    err: BaseException | None = None
+    finish_reason: str = ""
+    stop: str | int | None = None
+    prompt_tokens: int = 0
+    metrics: GenerateMetrics = field(default=GenerateMetrics(), compare=False)
+
+    @property
+    def text(self) -> str:
+        """The generated text, joined."""
+        return "".join(t.text for t in self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a loaded model can do; the contract suite runs the rules these allow.
+
+    ``batch_generate`` is "native" (the engine decodes prompts together) or "fallback"
+    (one prompt after another); ``classify`` likewise, or "" when it cannot classify.
+    ``logits`` is False for engines that only return text or ids (a remote server).
+    """
+
+    token_ids: bool = True
+    logits: bool = True
+    classify: str = "native"
+    batch_generate: str = "native"
+    chat_template: bool = True
+    tokenize: bool = True
+    parallel_slots: int = 1
+    async_engine: bool = False
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:

@@ -8,15 +8,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 import core_inference as ci
 from core_inference.backends.llama_cpp import LlamaCppBackend
 from core_inference.backends.llama_cpp.model import LlamaCppModel
-from core_inference.gguf import read_gguf
+from core_inference.formats.gguf import read_gguf
 from core_inference.memory import cpu_count, process_memory
 
 PROMPT = "The capital of France is"
@@ -24,7 +25,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    return ci.default_model_path(progress=False)
+    return cast("Callable[..., Path]", ci.default_model_path)(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def _with_chat_template(src: Path, dst: Path, template: str) -> None:
     header = read_gguf(src)
     raw = src.read_bytes()
     # find where the key-value section ends: re-walk it with the header's own count
-    from core_inference.gguf import _Reader
+    from core_inference.formats.gguf import _Reader
 
     r = _Reader(raw, len(raw), str(src))
     r.pos = 24
@@ -161,9 +162,12 @@ def _with_chat_template(src: Path, dst: Path, template: str) -> None:
         r.scalar("I", "type")
         r.scalar("Q", "offset")
     tensors_end = r.pos
-    key = b"tokenizer.chat_template"
+    new_key = b"tokenizer.chat_template"
     value = template.encode()
-    kv = struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", len(value)) + value
+    kv = (
+        struct.pack("<Q", len(new_key)) + new_key + struct.pack("<I", 8)
+        + struct.pack("<Q", len(value)) + value
+    )
     count = struct.pack("<Q", len(header.metadata) + 1)
     head = raw[:16] + count + raw[24:kv_end] + kv + raw[kv_end:tensors_end]
     pad = (-len(head)) % 32

@@ -58,7 +58,7 @@ def _versions() -> dict[str, str]:
 
 
 def _engine(path: str, n_ctx: int, threads: int) -> Any:
-    """llama-cpp-python's ``Llama`` with our backend's context settings (see ``backends/llama_cpp/engine.py``)."""
+    """llama-cpp-python's ``Llama`` with our backend's context settings (see backends/llama_cpp/engine.py)."""
     from llama_cpp import Llama
 
     return Llama(

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...backend import BaseBackend
+from ...formats.validate import gguf_header
 from ...types import LoadConfig
-from ...validate import gguf_header
 from .hparams import check_hparams
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ class LlamaCppBackend(BaseBackend):
     extra = "llama-cpp"
     engine_modules = ("llama_cpp",)
     formats = ("gguf",)
+    engine_options = frozenset({"prefill_chunk"})
 
     def _load(self, path: str, cfg: LoadConfig) -> LlamaCppModel:
         header = gguf_header(path)  # llama.cpp can abort the process on a malformed file

@@ -15,7 +15,8 @@ from typing import Any
 
 from llama_cpp import llama_cpp as L
 
-from ...errors import InferenceError, ModelLoadError
+from ...errors import BackendUnavailable, EngineError, InferenceError, ModelLoadError
+from ...streaming import engine_seed
 from ...types import GenerateConfig
 
 log = logging.getLogger("core_inference.llama_cpp")
@@ -26,14 +27,50 @@ _initialised = False
 
 
 _decoding = threading.local()  # .abort_flag: the flag of the decode running on this thread
+_loading = threading.local()  # .interrupted: Ctrl-C arrived while this thread loads a model
+
+MIN_VERSION = "0.3.15"  # the first llama-cpp-python with llama_get_memory and kv_unified
+
+
+def check_engine() -> None:
+    """``BackendUnavailable`` naming the version needed when llama-cpp-python is too old."""
+    fields = {name for name, *_ in L.llama_context_params._fields_}
+    if not hasattr(L, "llama_get_memory") or "kv_unified" not in fields:
+        import llama_cpp
+
+        have = getattr(llama_cpp, "__version__", "unknown")
+        raise BackendUnavailable(
+            "llama_cpp",
+            f"llama-cpp-python {have} is too old: the llama_cpp backend needs {MIN_VERSION} or newer "
+            f"(pip install -U 'llama-cpp-python>={MIN_VERSION}')",
+            "llama-cpp",
+        )
+
+
+def _interrupted() -> None:
+    """Ctrl-C inside a C callback: Python would print it and carry on, so remember it instead."""
+    _loading.interrupted = True
 
 
 @L.llama_log_callback  # type: ignore[untyped-decorator]
 def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-    flag = getattr(_decoding, "abort_flag", None)
-    if flag is not None and flag[0] != b"\x00":
-        level = 1  # llama.cpp reports an abort we asked for as a failure: not the user's concern
-    log.log(_LEVELS.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
+    try:
+        flag = getattr(_decoding, "abort_flag", None)
+        if flag is not None and flag[0] != b"\x00":
+            level = 1  # llama.cpp reports an abort we asked for as a failure: not the user's concern
+        log.log(_LEVELS.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
+    except KeyboardInterrupt:
+        _interrupted()
+
+
+@L.llama_progress_callback  # type: ignore[untyped-decorator]
+def _load_progress(_progress: float, _user: ctypes.c_void_p) -> bool:
+    """Returning False stops llama.cpp's load: done once Ctrl-C has arrived during it."""
+    try:
+        return not getattr(_loading, "interrupted", False)
+    except KeyboardInterrupt:
+        _interrupted()
+        return False
 
 
 def init_backend() -> None:
@@ -116,8 +153,9 @@ class Context:
         params.swa_full = False
         self.ptr = L.llama_init_from_model(model, params)
         if not self.ptr:
-            raise InferenceError(
-                f"llama.cpp could not create a context of {n_ctx} tokens x {n_seq} sequences"
+            raise EngineError(
+                f"llama.cpp could not create a context of {n_ctx} tokens x {n_seq} sequences "
+                "(out of memory?)"
             )
         self.n_ctx = int(L.llama_n_ctx(self.ptr))
         self.n_seq = n_seq
@@ -154,7 +192,7 @@ class Context:
         if rc == 2 and self._abort_flag[0] != b"\x00":
             raise Aborted("llama_decode aborted")
         if rc != 0:
-            raise InferenceError(f"llama_decode failed with code {rc} (KV cache full or bad batch)")
+            raise EngineError(f"llama_decode failed with code {rc} (KV cache full or bad batch)")
 
     def _logits_view(self, index: int, n_vocab: int) -> Any:
         """The logits of output ``index`` of the last batch, as a numpy view (valid until the next decode)."""
@@ -162,7 +200,7 @@ class Context:
 
         ptr = L.llama_get_logits_ith(self.ptr, index)
         if not ptr:
-            raise InferenceError(f"llama.cpp has no logits for batch index {index}")
+            raise EngineError(f"llama.cpp has no logits for batch index {index}")
         return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
 
     def logits(self, index: int, n_vocab: int) -> Any:
@@ -192,14 +230,28 @@ class Model:
     """A loaded GGUF model: vocabulary, tokenizer, detokenizer and sampler factory."""
 
     def __init__(self, path: str, gpu_layers: int) -> None:
+        check_engine()
         init_backend()
         params = L.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
-        self.ptr = L.llama_model_load_from_file(path.encode(), params)
+        params.progress_callback = _load_progress
+        _loading.interrupted = False
+        try:
+            self.ptr = L.llama_model_load_from_file(path.encode(), params)
+        except KeyboardInterrupt:  # arrived between two callbacks
+            _interrupted()
+            self.ptr = None
+        if getattr(_loading, "interrupted", False):
+            _loading.interrupted = False
+            if self.ptr:
+                L.llama_model_free(self.ptr)
+                self.ptr = None
+            raise KeyboardInterrupt
         if not self.ptr:
             raise ModelLoadError(
                 f"{path}: llama.cpp could not load the model (unsupported architecture, "
-                "tensor types or corrupt data; run with logging at DEBUG for its reasons)"
+                "tensor types or corrupt data; run with logging at DEBUG for its reasons)",
+                path,
             )
         self.vocab = L.llama_model_get_vocab(self.ptr)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
@@ -216,7 +268,7 @@ class Model:
             buf = (L.llama_token * cap)()
             n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         if n < 0:
-            raise InferenceError(f"tokenization failed ({n})")
+            raise EngineError(f"tokenization failed ({n})")
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
@@ -247,6 +299,11 @@ class Model:
         if len(ids) == 1 and self.special_text(ids[0]) == text:
             return ids[0]
         return None
+
+    @property
+    def adds_bos(self) -> bool:
+        """True when the model asks for a BOS token at the start of every prompt."""
+        return bool(L.llama_vocab_get_add_bos(self.vocab))
 
     @property
     def bos(self) -> int:
@@ -291,7 +348,9 @@ class Sampler:
             if cfg.top_p:
                 add(L.llama_sampler_init_top_p(cfg.top_p, 1))
             add(L.llama_sampler_init_temp(cfg.temperature))
-            add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if cfg.seed is None else cfg.seed))
+            # only seed=None is random; every other seed is hashed to 32 bits, never 0xFFFFFFFF
+            seed = L.LLAMA_DEFAULT_SEED if cfg.seed is None else engine_seed(cfg.seed, 32)
+            add(L.llama_sampler_init_dist(seed))
 
     def accept_all(self, tokens: Sequence[int]) -> None:
         """Feed prompt tokens to stateful samplers (the repeat penalty's history)."""

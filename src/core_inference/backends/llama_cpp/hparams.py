@@ -6,7 +6,7 @@ Imports only the core, so the llama_cpp backend can check a file without importi
 from __future__ import annotations
 
 from ...errors import ModelLoadError
-from ...gguf import GGUFHeader
+from ...formats.gguf import GGUFHeader
 
 # llama.cpp checks these header values with GGML_ASSERT, which aborts the whole process
 # (llama-model.cpp, load_hparams); the limits are those of the llama.cpp this was built on.

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from ...context import Context
-from ...errors import ContextLengthExceeded, ModelClosed
-from ...gguf import GGML_TYPES, GGUFHeader
+from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelClosed
+from ...formats.gguf import GGML_TYPES, GGUFHeader
 from ...memory import cpu_count, process_memory
 from ...model import BaseModel
-from ...streaming import MetricsRecorder, Piece, finish_tokens
+from ...streaming import MetricsRecorder, Piece, TokenFinisher
 from ...templates import builtin_template, no_template_error, render_jinja
-from ...types import BatchResult, ClassifyResult, GenerateConfig, LoadConfig, Message, ModelInfo, Token
+from ...types import (
+    BatchResult,
+    Capabilities,
+    ClassifyResult,
+    GenerateConfig,
+    LoadConfig,
+    Message,
+    ModelInfo,
+    Token,
+)
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
 PREFILL_CHUNK = 512  # prompt tokens per decode while a stream has the model to itself (one n_batch)
@@ -71,12 +81,21 @@ class LlamaCppModel(BaseModel):
             self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
             self._ctx = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
             self._template = self._find_template()
+            bos = self._model.bos
+            self._bos_text = self._model.special_text(bos) if bos >= 0 and self._model.adds_bos else ""
         except BaseException:
             # A model that never was: free what was made now (not when the garbage
             # collector finds it), and no "was not closed" warning for it.
             self._closed.set()
             self._free()
             raise
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            chat_template=bool(self.header.chat_template) or self._template is not None,
+            parallel_slots=self._slots.size,
+        )
 
     # -- prompts and templates ---------------------------------------------------------
 
@@ -85,7 +104,7 @@ class LlamaCppModel(BaseModel):
             return None
         return builtin_template(self.model_type, lambda t: self._model.single_token(t) is not None)
 
-    def chat_prompt(self, messages: list[Message]) -> str:
+    def _render_chat(self, messages: list[Message]) -> str:
         source = self.header.chat_template
         if source:
             bos, eos = self._model.special_text(self._model.bos), self._model.special_text(self._model.eos)
@@ -100,8 +119,23 @@ class LlamaCppModel(BaseModel):
         ids = (self._model.single_token(t) for t in self._template.end_of_turn)
         return frozenset(i for i in ids if i is not None)
 
-    def _prompt_tokens(self, text: str, templated: bool) -> list[int]:
-        tokens: list[int] = self._model.tokenize(text, add_special=not templated)
+    def _tokenize(self, text: str) -> list[int]:
+        """The prompt's tokens, with the model's BOS first unless the text begins with it.
+
+        The add-BOS rule: llama.cpp adds BOS (where the model asks for one) to any text,
+        so a chat prompt, whose template already wrote ``<bos>``, would get two. A prompt
+        that begins with the BOS token's own text gets none added.
+        """
+        bos = self._bos_text
+        add = not (bos and text.startswith(bos))
+        tokens: list[int] = self._model.tokenize(text, add_special=add)
+        return tokens
+
+    def _detokenize(self, ids: Sequence[int]) -> str:
+        return b"".join(self._model.piece(i) for i in ids).decode("utf-8", "replace")
+
+    def _prompt_tokens(self, text: str) -> list[int]:
+        tokens = self._tokenize(text)
         if len(tokens) + 1 > self.context_len:
             raise ContextLengthExceeded(len(tokens), self.context_len)
         return tokens
@@ -111,49 +145,54 @@ class LlamaCppModel(BaseModel):
     def _engine_generate(
         self, prompt: str, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> Iterator[Piece]:
-        return self._decode_stream(prompt, False, cfg, ctx, rec)
+        return self._decode_stream(prompt, frozenset(), cfg, ctx, rec)
 
     def _engine_chat(
-        self, messages: list[Message], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+        self, prepared: str, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> Iterator[Piece]:
-        return self._decode_stream(self.chat_prompt(messages), True, cfg, ctx, rec)
+        return self._decode_stream(prepared, self._end_of_turn_ids(), cfg, ctx, rec)
 
     def _decode_stream(
-        self, text: str, templated: bool, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+        self, text: str, stop: frozenset[int], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> Iterator[Piece]:
-        tokens = self._prompt_tokens(text, templated)
-        stop = self._end_of_turn_ids() if templated else frozenset()
-        seq = self._free_seqs.pop()
-        sampler = self._engine.Sampler(cfg, self._model.n_vocab)
+        tokens = self._prompt_tokens(text)
         llama, model = self._ctx, self._model
+        clock = time.perf_counter
+        seq = self._free_seqs.pop()
+        sampler = None
         try:
+            sampler = self._engine.Sampler(cfg, self._model.n_vocab)
             sampler.accept_all(tokens)
             with self._engine_lock:
                 llama.clear_seq(seq)
-                exclusive = len(self._free_seqs) == self._slots.size - 1
-                if exclusive:
-                    llama.perf_reset()
             tid = self._prefill(tokens, seq, ctx, sampler, rec)
             rec.prefill_done(len(tokens))
             pos = len(tokens)
-            limit = min(cfg.max_tokens, min(llama.per_seq, self.context_len) - pos)
+            room = min(llama.per_seq, self.context_len) - pos
+            limit = min(cfg.max_tokens, room)
             batch = llama.batch
+            decode = 0.0  # this call's own decode time: its decodes only, never a neighbour's
+            rec.decode_duration = 0.0
             for n in range(1, limit + 1):
                 if model.is_eog(tid) or tid in stop:
                     break
                 yield tid, model.piece(tid)
                 if n == limit:
+                    if limit == room:
+                        rec.finish_reason = "context_full"
                     break
                 with self._engine_lock:  # decode and sample together: logits belong to the last decode
+                    t = clock()
                     batch.clear()
                     batch.add(tid, pos, seq, True)
                     llama.decode()
                     tid = sampler.sample(llama, 0)
+                    decode += clock() - t
+                rec.decode_duration = decode
                 pos += 1
-            if exclusive:
-                self._fill_engine_timings(rec)
         finally:
-            sampler.free()
+            if sampler is not None:
+                sampler.free()
             with self._engine_lock:
                 if self._ctx is not None:
                     llama.clear_seq(seq)
@@ -171,6 +210,8 @@ class LlamaCppModel(BaseModel):
         ``close()``, stops llama.cpp inside the running decode, not after it.
         """
         llama = self._ctx
+        clock = time.perf_counter
+        rec.prefill_duration = 0.0  # this call's own decodes, not the waits for its turn
         with self._watch(llama, ctx, len(tokens) > WATCH_PREFILL_OVER) as me:
             start = 0
             while start < len(tokens):
@@ -179,15 +220,19 @@ class LlamaCppModel(BaseModel):
                 step = self.prefill_chunk if alone else min(self.prefill_chunk, SHARED_PREFILL_CHUNK)
                 chunk = tokens[start : start + max(1, min(step, llama.n_batch))]
                 with self._engine_lock:
+                    began = clock()
                     batch = llama.batch
                     batch.clear()
                     for i, t in enumerate(chunk):
                         batch.add(t, start + i, seq, start + i == len(tokens) - 1)
-                    self._decode_armed(llama, me, ctx)
-                    start += len(chunk)
-                    rec.prompt_tokens = start  # how far prefill got, if it is cut short
-                    if start >= len(tokens):
-                        return int(sampler.sample(llama, batch.n - 1))
+                    try:
+                        self._decode_armed(llama, me, ctx)
+                        start += len(chunk)
+                        rec.prompt_tokens = start  # how far prefill got, if it is cut short
+                        if start >= len(tokens):
+                            return int(sampler.sample(llama, batch.n - 1))
+                    finally:
+                        rec.prefill_duration += clock() - began
         raise ValueError("prompt: no tokens to decode")
 
     def _raise_if_ended(self, ctx: Context, when: str) -> None:
@@ -241,11 +286,6 @@ class LlamaCppModel(BaseModel):
             done.set()
             watcher.join()
 
-    def _fill_engine_timings(self, rec: MetricsRecorder) -> None:
-        with self._engine_lock:
-            prefill, decode, _, _ = self._ctx.perf()
-        rec.prefill_duration, rec.decode_duration = prefill, decode
-
     # -- classify and batch generation -------------------------------------------------
 
     @property
@@ -269,14 +309,38 @@ class LlamaCppModel(BaseModel):
     def _classify(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> list[ClassifyResult]:
-        encoded = [self._prompt_tokens(p, False) for p in prompts]
-        results: list[ClassifyResult] = []
+        encoded: dict[int, list[int]] = {}
+        errors: dict[int, BaseException] = {}
+        for i, p in enumerate(prompts):
+            try:
+                encoded[i] = self._prompt_tokens(p)
+            except ContextLengthExceeded as exc:  # one prompt too long does not sink the batch
+                errors[i] = exc
+        done: dict[int, tuple[Token, Any]] = {}
+        keys = list(encoded)
+        rec.prefill_duration = 0.0
         with self._batch_turn(ctx):
-            for start in range(0, len(encoded), CLASSIFY_SEQS):
-                group = encoded[start : start + CLASSIFY_SEQS]
-                results += self._classify_group(group, cfg, ctx)
-        rec.prompt_tokens = sum(map(len, encoded))
+            for start in range(0, len(keys), CLASSIFY_SEQS):
+                group = keys[start : start + CLASSIFY_SEQS]
+                began = time.perf_counter()
+                out = self._classify_group([encoded[k] for k in group], cfg, ctx)
+                rec.prefill_duration += time.perf_counter() - began
+                done.update(zip(group, out, strict=True))
+                rec.first_token = rec.first_token or time.perf_counter()
+        rec.prompt_tokens = sum(map(len, encoded.values()))
+        rec.generated_tokens = len(done)
         rec.prefill_end = time.perf_counter()
+        rec.decode_duration, rec.decoded_tokens = 0.0, 0
+        rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
+        batch = rec.finish()
+        results = []
+        for i in range(len(prompts)):
+            if i in errors:
+                results.append(ClassifyResult(Token(-1, ""), None, 0, batch, errors[i]))
+                continue
+            token, logits = done[i]
+            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=1)
+            results.append(ClassifyResult(token, logits, len(encoded[i]), mine))
         return results
 
     @contextmanager
@@ -296,12 +360,11 @@ class LlamaCppModel(BaseModel):
 
     def _classify_group(
         self, group: list[list[int]], cfg: GenerateConfig, ctx: Context
-    ) -> list[ClassifyResult]:
+    ) -> list[tuple[Token, Any]]:
         ctx.raise_if_done()
         per_seq = _round_up(max(map(len, group)) + 1, 64)
         with self._engine_lock:
             llama = self._batch_context(CLASSIFY_SEQS, per_seq)
-            llama.perf_reset()
             outputs = self._pack_prefill(llama, group, ctx)
             out = []
             for index in outputs:
@@ -312,7 +375,7 @@ class LlamaCppModel(BaseModel):
                     sampler.free()
                 logits = llama.logits(index, self._model.n_vocab) if cfg.return_logits else None
                 text = self._model.piece(tid).decode("utf-8", "replace")
-                out.append(ClassifyResult(Token(tid, text), logits))
+                out.append((Token(tid, text), logits))
             for seq in range(len(group)):
                 llama.clear_seq(seq)
         return out
@@ -344,62 +407,87 @@ class LlamaCppModel(BaseModel):
         encoded: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             try:
-                encoded[i] = self._prompt_tokens(p, False)
+                encoded[i] = self._prompt_tokens(p)
             except Exception as exc:  # one bad prompt does not sink the batch
                 errors[i] = exc
-        raw: dict[int, list[Piece]] = {k: [] for k in encoded}
+        recs = {k: MetricsRecorder(start=rec.start) for k in encoded}
+        finishers = {k: TokenFinisher(cfg, recs[k]) for k in encoded}
+        tokens: dict[int, list[Token]] = {k: [] for k in encoded}
+        rec.prefill_duration = rec.decode_duration = 0.0
         if encoded and cfg.max_tokens:
             keys = list(encoded)
             with self._batch_turn(ctx):
                 for start in range(0, len(keys), BATCH_SEQS):
-                    group = {k: encoded[k] for k in keys[start : start + BATCH_SEQS]}
-                    raw.update(self._decode_together(group, cfg, ctx, rec))
-            rec.prompt_tokens = sum(map(len, encoded.values()))
+                    group = keys[start : start + BATCH_SEQS]
+                    self._decode_together(group, encoded, finishers, tokens, cfg, ctx, rec)
+        rec.prompt_tokens = sum(map(len, encoded.values()))
+        rec.generated_tokens = sum(f.count for f in finishers.values())
+        rec.decoded_tokens = rec.generated_tokens - sum(1 for f in finishers.values() if f.count)
+        rec.first_token = min((r.first_token for r in recs.values() if r.first_token), default=0.0)
+        rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
+        batch = rec.finish()
         results = []
         for i in range(len(prompts)):
             if i in errors:
-                results.append(BatchResult(err=errors[i]))
+                results.append(BatchResult(err=errors[i], finish_reason="error", metrics=batch))
                 continue
-            tokens = tuple(finish_tokens(iter(raw[i]), cfg, ctx, MetricsRecorder()))
-            results.append(BatchResult(tokens))
-        rec.generated_tokens = sum(len(r.tokens) for r in results)
+            fin, first = finishers[i], recs[i].first_token
+            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=fin.count,
+                           time_to_first_token=first - rec.start if first else 0.0)
+            results.append(BatchResult(tuple(tokens[i]), None, fin.finish_reason or "length", fin.stop,
+                                       len(encoded[i]), mine))
         return results
 
     def _decode_together(
-        self, encoded: dict[int, list[int]], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
-    ) -> dict[int, list[Piece]]:
-        keys = list(encoded)
+        self,
+        keys: list[int],
+        encoded: dict[int, list[int]],
+        finishers: dict[int, TokenFinisher],
+        tokens: dict[int, list[Token]],
+        cfg: GenerateConfig,
+        ctx: Context,
+        rec: MetricsRecorder,
+    ) -> None:
+        """Decode up to ``BATCH_SEQS`` prompts together, one batch per step.
+
+        Each prompt's tokens go through its own ``TokenFinisher`` as they are sampled, so
+        a prompt stops at its stop string (matched on whole UTF-8 text, across tokens)
+        or stop id the step it appears, exactly as ``generate`` would stop.
+        """
         prompts = [encoded[k] for k in keys]
+        clock = time.perf_counter
         # room for the longest prompt and max_tokens, but never more than the context
         per_seq = _round_up(min(max(map(len, prompts)) + cfg.max_tokens + 1, self.context_len), 64)
-        out: dict[int, list[Piece]] = {k: [] for k in keys}
         samplers = [self._engine.Sampler(cfg, self._model.n_vocab) for _ in keys]
         try:
             for s, p in zip(samplers, prompts, strict=True):
                 s.accept_all(p)
             with self._engine_lock:
+                began = clock()
                 llama = self._batch_context(len(keys), per_seq)
                 outputs = self._pack_prefill(llama, prompts, ctx)
-            rec.prefill_done(sum(map(len, prompts)))
+                rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - began
+            rec.prefill_done(rec.prompt_tokens + sum(map(len, prompts)))
             live = {seq: (outputs[seq], len(prompts[seq])) for seq in range(len(keys))}
             seq_end = min(llama.per_seq, self.context_len)  # as generate: no position past the context
-            texts = {seq: "" for seq in live}
-            stop_ids = frozenset(cfg.stop_tokens)
             while live:
                 self._raise_if_ended(ctx, "during batch_generate")
                 with self._engine_lock:
+                    began = clock()
                     picks = {seq: samplers[seq].sample(llama, idx) for seq, (idx, _) in live.items()}
                     llama.batch.clear()
                     nxt = {}
                     for seq, tid in picks.items():
-                        pos = live[seq][1]
-                        if self._model.is_eog(tid) or tid in stop_ids:
+                        key, pos = keys[seq], live[seq][1]
+                        fin = finishers[key]
+                        if self._model.is_eog(tid):
+                            tokens[key] += fin.end()
                             continue
-                        piece = self._model.piece(tid)
-                        out[keys[seq]].append((tid, piece))
-                        texts[seq] += piece.decode("utf-8", "ignore")
-                        done = len(out[keys[seq]]) >= cfg.max_tokens or pos + 1 >= seq_end
-                        if done or (cfg.stop and any(s in texts[seq] for s in cfg.stop)):
+                        tokens[key] += fin.push(tid, self._model.piece(tid))
+                        if fin.finish_reason is not None:
+                            continue
+                        if pos + 1 >= seq_end:
+                            tokens[key] += fin.end("context_full")
                             continue
                         nxt[seq] = (llama.batch.add(tid, pos, seq, True), pos + 1)
                     if nxt:
@@ -407,6 +495,7 @@ class LlamaCppModel(BaseModel):
                     for seq in set(live) - set(nxt):
                         llama.clear_seq(seq)
                     live = nxt
+                    rec.decode_duration = (rec.decode_duration or 0.0) + clock() - began
         finally:
             for s in samplers:
                 s.free()
@@ -414,11 +503,23 @@ class LlamaCppModel(BaseModel):
                 if self._batch_ctx is not None:
                     for seq in range(len(keys)):
                         self._batch_ctx.clear_seq(seq)
-        return out
+
+    # -- errors --------------------------------------------------------------------------
+
+    def _map_engine_error(self, exc: Exception) -> InferenceError:
+        """llama-cpp-python's failures as contract errors: the one place they are mapped.
+
+        ``engine.py`` already raises ``EngineError`` for what llama.cpp reports (a failed
+        decode, a context it could not make, a tokenizer error); what remains are ctypes'
+        own errors and the process running out of memory.
+        """
+        if isinstance(exc, MemoryError):
+            return EngineError("llama.cpp: out of memory")
+        return EngineError(f"llama.cpp: {type(exc).__name__}: {exc}")
 
     # -- description and teardown ------------------------------------------------------
 
-    def info(self) -> ModelInfo:
+    def _describe(self) -> ModelInfo:
         h = self.header
         quant, bits = h.file_type
         return ModelInfo(

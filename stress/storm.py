@@ -18,8 +18,8 @@ After a warm-up it measures, and at the end checks:
 
 Usage::
 
-    python bench/storm.py                      # 1,000 generations -> bench/results/storm.json
-    python bench/storm.py -n 60 --out /tmp/s.json
+    python stress/storm.py                      # 1,000 generations -> stress/results/storm.json
+    python stress/storm.py -n 60 --out /tmp/s.json
 
 The test suite imports ``run_storm`` from this file and runs a short version.
 """

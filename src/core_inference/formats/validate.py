@@ -1,7 +1,8 @@
 """Check a model path before any backend or engine sees it (standard library only).
 
 ``check_model_path`` is what ``load_model`` calls first: a missing path, a corrupt or
-truncated GGUF file, or a Hugging Face folder with a broken ``config.json`` or
+truncated GGUF file, or a Hugging Face folder with a broken ``config.json`` (or
+tokenizer config, generation config, chat template or shard index: ``formats.hf``) or
 ``*.safetensors`` header becomes a ``ModelLoadError`` naming the file and what is
 wrong, instead of an engine crash, a ``NoBackendAvailable`` or a Python traceback
 from deep inside an engine. Only headers are read: a multi-gigabyte model is checked
@@ -17,12 +18,13 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from .errors import ModelLoadError
-from .formats import GGUF, GGUF_MAGIC, HF, URL, is_url
+from ..errors import ModelLoadError
+from . import GGUF, GGUF_MAGIC, HF, URL, is_url
 from .gguf import GGUFHeader, read_gguf
+from .hf import MAX_CONFIG_BYTES as MAX_CONFIG_BYTES
+from .hf import HFFolder, json_type, read_hf_folder
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
-MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config.json is a few kilobytes
 
 # safetensors dtype -> bits per element
 SAFETENSORS_DTYPES: dict[str, int] = {
@@ -56,18 +58,19 @@ def check_model_path(path: str | os.PathLike[str]) -> str:
     if is_url(name):
         return URL
     if "\0" in name:
-        raise ModelLoadError(f"{name!r}: invalid path (contains a NUL character)")
+        raise ModelLoadError(f"{name!r}: invalid path (contains a NUL character)", path=name)
     if not os.path.exists(name):
-        raise ModelLoadError(f"{name}: no such file or folder")
+        raise ModelLoadError(f"{name}: no such file or folder", path=name)
     if os.path.isdir(name):
         check_hf_folder(name)
         return HF
     if not os.path.isfile(name):
-        raise ModelLoadError(f"{name}: not a regular file or folder (a device, pipe or socket?)")
+        raise ModelLoadError(f"{name}: not a regular file or folder (a device, pipe or socket?)", path=name)
     if name.endswith(".safetensors") and not _starts_with(name, GGUF_MAGIC):
         raise ModelLoadError(
             f"{name}: a lone .safetensors file cannot be loaded; pass the Hugging Face folder "
-            "that holds it with its config.json"
+            "that holds it with its config.json",
+            path=name,
         )
     gguf_header(name)
     return GGUF
@@ -84,7 +87,7 @@ def gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     try:
         st = os.stat(name)
     except OSError as exc:
-        raise ModelLoadError(f"{name}: cannot read model file: {exc}") from exc
+        raise ModelLoadError(f"{name}: cannot read model file: {exc}", path=name) from exc
     key = (name, st.st_size, st.st_mtime_ns, st.st_ino)
     with _cache_lock:
         header = _headers.get(key)
@@ -99,24 +102,17 @@ def gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     return header
 
 
-def check_hf_folder(folder: str) -> None:
-    """Validate a Hugging Face model folder's ``config.json`` and safetensors headers."""
-    config = os.path.join(folder, "config.json")
-    if not os.path.isfile(config):
-        raise ModelLoadError(
-            f"{config}: missing; a Hugging Face model folder needs config.json and "
-            f"*.safetensors files{_gguf_hint(folder)}"
-        )
-    _read_json_object(config, "config.json")
-    with os.scandir(folder) as entries:
-        shards = sorted(e.path for e in entries if e.name.endswith(".safetensors") and e.is_file())
-    if not shards:
-        raise ModelLoadError(f"{folder}: no *.safetensors files next to its config.json{_gguf_hint(folder)}")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        _check_index(index, folder)
-    for shard in shards:
+def check_hf_folder(folder: str | os.PathLike[str]) -> HFFolder:
+    """Validate a Hugging Face model folder; return what ``read_hf_folder`` read from it.
+
+    ``read_hf_folder`` checks ``config.json``, the generation and tokenizer configs, the
+    chat template files and the shard list (index included); then every shard's
+    safetensors header is checked here.
+    """
+    hf = read_hf_folder(folder)
+    for shard in hf.shards:
         check_safetensors(shard)
+    return hf
 
 
 def check_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -144,7 +140,7 @@ def check_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     except ModelLoadError:
         raise
     except OSError as exc:
-        raise ModelLoadError(f"{name}: cannot read model file: {exc}") from exc
+        raise ModelLoadError(f"{name}: cannot read model file: {exc}", path=name) from exc
     try:
         header = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -152,7 +148,7 @@ def check_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:
         raise _st_fail(name, f"header is not valid JSON ({str(exc)[:120]})") from None
     if not isinstance(header, dict):
-        raise _st_fail(name, f"header is a JSON {_json_type(header)}, not an object")
+        raise _st_fail(name, f"header is a JSON {json_type(header)}, not an object")
     data_size = size - 8 - n
     for key, entry in header.items():
         if key == "__metadata__":
@@ -204,59 +200,12 @@ def _check_tensor_entry(name: str, key: str, entry: object, data_size: int) -> N
         )
 
 
-def _check_index(index: str, folder: str) -> None:
-    data = _read_json_object(index, "the shard index")
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ModelLoadError(f"{index}: not a valid shard index: weight_map must map tensor names to files")
-    for shard in sorted(set(weight_map.values())):
-        if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(folder, shard)):
-            raise ModelLoadError(f"{index}: names the shard {shard!r}, which is not in {folder}")
-
-
-def _read_json_object(path: str, what: str) -> dict[str, Any]:
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_CONFIG_BYTES:
-            raise ModelLoadError(f"{path}: {what} is {size} bytes, far too large for JSON settings")
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read {what}: {exc}") from exc
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise ModelLoadError(f"{path}: {what} is not valid UTF-8 ({exc.reason})") from None
-    except (ValueError, RecursionError) as exc:
-        raise ModelLoadError(f"{path}: {what} is not valid JSON ({str(exc)[:120]})") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: {what} must be a JSON object, got a JSON {_json_type(data)}")
-    return data
-
-
-def _json_type(value: object) -> str:
-    kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"))
-    for kind, label in kinds:
-        if isinstance(value, kind):
-            return label
-    return "null" if value is None else type(value).__name__
-
-
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _gguf_hint(folder: str) -> str:
-    try:
-        with os.scandir(folder) as entries:
-            ggufs = sorted(e.name for e in entries if e.name.endswith(".gguf"))
-    except OSError:
-        return ""
-    return f"; for a GGUF model pass the file itself, e.g. {os.path.join(folder, ggufs[0])}" if ggufs else ""
-
-
 def _st_fail(name: str, what: str) -> ModelLoadError:
-    return ModelLoadError(f"{name}: not a valid safetensors file: {what}")
+    return ModelLoadError(f"{name}: not a valid safetensors file: {what}", path=name)
 
 
 def _starts_with(name: str, magic: bytes) -> bool:

@@ -8,8 +8,8 @@ alone. The run passes with zero errors and every output equal to its reference.
 
 Usage::
 
-    python bench/concurrency.py                 # 16 threads x 50 calls -> bench/results/concurrency.json
-    python bench/concurrency.py --threads 8 --calls 5 --max-tokens 8
+    python stress/concurrency.py                 # 16 threads x 50 calls -> stress/results/concurrency.json
+    python stress/concurrency.py --threads 8 --calls 5 --max-tokens 8
 
 The test suite imports ``run_concurrency`` from this file and runs a short version.
 """

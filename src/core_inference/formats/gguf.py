@@ -13,9 +13,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ModelLoadError
-from .formats import GGUF_MAGIC as GGUF_MAGIC
-from .formats import is_gguf as is_gguf  # kept importable from here
+from ..errors import ModelLoadError
+from . import GGUF_MAGIC as GGUF_MAGIC
+from . import is_gguf as is_gguf  # kept importable from here
 
 MAX_COUNT = 1 << 24  # keys or tensors: far beyond any real model
 MAX_DIMS = 4
@@ -110,7 +110,9 @@ class _Reader:
         self.buf, self.pos, self.size, self.path = buf, 0, size, path
 
     def fail(self, what: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.path}: not a valid GGUF file: {what} (at byte {self.pos})")
+        return ModelLoadError(
+            f"{self.path}: not a valid GGUF file: {what} (at byte {self.pos})", path=self.path
+        )
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
@@ -202,20 +204,22 @@ def read_gguf(path: str | os.PathLike[str], check_data: bool = True) -> GGUFHead
             size = os.fstat(fh.fileno()).st_size
             if size < 24:
                 raise ModelLoadError(
-                    f"{name}: not a valid GGUF file: only {size} bytes, too short for a header"
+                    f"{name}: not a valid GGUF file: only {size} bytes, too short for a header", path=name
                 )
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return _parse(_Reader(buf, size, name), check_data)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{name}: cannot read model file: {exc}") from exc
+        raise ModelLoadError(f"{name}: cannot read model file: {exc}", path=name) from exc
 
 
 def _parse(r: _Reader, check_data: bool) -> GGUFHeader:
     magic = bytes(r.buf[0:4])
     if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"{r.path}: not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
+        raise ModelLoadError(
+            f"{r.path}: not a GGUF file (magic bytes {magic!r}, expected b'GGUF')", path=r.path
+        )
     r.pos = 4
     version = r.scalar("I", "version")
     if version not in (2, 3):
@@ -249,7 +253,8 @@ def _parse(r: _Reader, check_data: bool) -> GGUFHeader:
     if check_data and data_end > 0 and data_offset + data_end > r.size:  # no tensors: no data
         raise ModelLoadError(
             f"{r.path}: truncated GGUF file: tensor data needs {data_offset + data_end} bytes, "
-            f"the file has {r.size}"
+            f"the file has {r.size}",
+            path=r.path,
         )
     return GGUFHeader(r.path, version, tensor_count, metadata, r.size, data_offset, data_end)
 

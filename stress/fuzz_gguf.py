@@ -5,7 +5,8 @@ small safetensors file in a Hugging Face folder, the first 256 KiB of the real
 default model (its real metadata, cut short), and, for 2% of the inputs, the real
 model's whole header region (metadata and tensor table, about 6.5 MB, cut at the
 tensor data: about 0.4 s to check each). Every input must either pass or raise
-``ModelLoadError`` naming the file; any other exception, or a crash of the process, is a finding.
+``ModelLoadError`` naming the file (in its message and its ``path``); any other exception, or a
+crash of the process, is a finding.
 
 With atheris installed (``pip install atheris``) it runs coverage-guided by libFuzzer;
 without it, a plain random-mutation loop (bit flips, byte sets, interesting integers
@@ -13,9 +14,9 @@ at 8-byte aligned offsets, truncations, splices) runs the same count.
 
 Usage::
 
-    python bench/fuzz_gguf.py                    # 10,000 inputs, atheris if available
-    python bench/fuzz_gguf.py --runs 2000 --plain
-    python bench/fuzz_gguf.py --out bench/results/fuzz_gguf.json
+    python stress/fuzz_gguf.py                    # 10,000 inputs, atheris if available
+    python stress/fuzz_gguf.py --runs 2000 --plain
+    python stress/fuzz_gguf.py --out stress/results/fuzz_gguf.json
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from core_inference import ModelLoadError
-from core_inference.validate import _headers, check_model_path
+from core_inference.formats.validate import _headers, check_model_path
 
 WEIGHTS = (40, 30, 28, 2)  # how often each seed is picked (gguf, safetensors, real prefix, real header)
 INTERESTING = [
@@ -78,7 +79,7 @@ def safetensors_seed() -> bytes:
 def real_header() -> bytes | None:
     try:
         from core_inference.default_model import default_model_path
-        from core_inference.validate import gguf_header
+        from core_inference.formats.validate import gguf_header
 
         path = default_model_path(progress=False)
         end = gguf_header(path).data_offset
@@ -142,6 +143,8 @@ class Target:
             self.outcomes["ModelLoadError"] += 1
             if os.fspath(path) not in str(exc) and os.fspath(target) not in str(exc):
                 self._finding(kind, data, f"message does not name the file: {exc}")
+            elif exc.path not in (os.fspath(path), os.fspath(target), os.fspath(self.folder / "config.json")):
+                self._finding(kind, data, f"ModelLoadError.path is {exc.path!r}: {exc}")
         except Exception as exc:
             self._finding(kind, data, "".join(traceback.format_exception_only(type(exc), exc)).strip())
         else:

@@ -1,4 +1,15 @@
-"""Cheap sniffing of what a model path is: a GGUF file, a Hugging Face folder, or a URL."""
+"""Model file formats (standard library only).
+
+This module is the cheap sniffing of what a model path is: a GGUF file, a Hugging Face
+folder, or a URL. It imports none of its submodules, which do the real reading:
+
+- ``formats.gguf``: the bounded GGUF header reader (``read_gguf``);
+- ``formats.hf``: a Hugging Face model folder's config, generation config, tokenizer
+  config, chat template and shard list (``read_hf_folder``), shared by the MLX, torch
+  and vLLM backends;
+- ``formats.validate``: ``check_model_path``, which ``load_model`` calls before any
+  backend sees a path.
+"""
 
 from __future__ import annotations
 
