@@ -37,7 +37,7 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
 
 # Our backends side by side with the engines called directly: bench/results/<machine>.json and .png
 bench: $(VENV)/.bench-installed
-	$(BIN)/core-inference bench
+	$(BIN)/core-inference bench --out bench/results
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

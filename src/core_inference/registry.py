@@ -16,9 +16,8 @@ import os
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import (
     BackendNotRegistered,
@@ -36,8 +35,7 @@ ENV_BACKEND = "CORE_INFERENCE_BACKEND"
 PREFERENCE = ("metal", "cuda", "rocm", "llama_cpp")
 
 
-@dataclass(frozen=True, slots=True)
-class BuiltinBackend:
+class BuiltinBackend(NamedTuple):
     """A built-in backend: its class as ``"module:Class"`` (imported when chosen) and its pip extra."""
 
     spec: str

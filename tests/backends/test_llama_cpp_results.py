@@ -252,3 +252,31 @@ def test_ctrl_c_during_a_load_exits_the_cli_with_130(model_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 130, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+
+
+def test_a_stream_left_open_at_exit_prints_nothing(model_path: Path) -> None:
+    """Found: the stream's cleanup ran at interpreter exit and read /proc with a text codec
+    that was already gone ("LookupError: unknown encoding: ascii")."""
+    code = (
+        "import sys, core_inference as ci\n"
+        "m = ci.load_model(sys.argv[1])\n"
+        "s = m.generate('The capital of France is', max_tokens=100)\n"
+        "next(iter(s))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "LookupError" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_registering_a_backend_instance_type_checks() -> None:
+    """``register(LlamaCppBackend())`` passes mypy --strict (this file is type-checked)."""
+    from core_inference import registry
+
+    backend: ci.Backend = LlamaCppBackend()
+    try:
+        ci.register(backend)
+        ci.register(LlamaCppBackend())
+        assert ci.get("llama_cpp").name == "llama_cpp"
+    finally:  # the built-in, lazy again, for the tests after this one
+        ci.register(registry.BUILTINS["llama_cpp"].spec, name="llama_cpp")
