@@ -1,7 +1,8 @@
 """Benchmarks: core-inference side by side with each engine called directly, in the same run.
 
 ``core-inference bench`` (or ``python -m core_inference.bench``) runs every registered
-suite and writes ``bench/results/<machine>.json`` and ``.png``. An engine adds its rows by
+suite; with ``--out DIR`` it writes ``DIR/<machine>.json`` and ``.png`` (``make bench``
+passes ``--out bench/results``). An engine adds its rows by
 registering a ``Suite`` (``register_suite``, or the entry-point group
 ``core_inference.bench_suites``). Not imported by ``import core_inference``.
 """

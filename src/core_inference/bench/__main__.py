@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
 
-from .runner import DEFAULT_OUT_DIR, run_bench
+from .runner import run_bench
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Time core-inference against each engine called directly (interleaved runs, medians).",
     )
     parser.add_argument("--model", metavar="PATH", help="GGUF model (default: the embedded default model)")
-    parser.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR", help="results folder (%(default)s)")
+    parser.add_argument("--out", metavar="DIR", help="write the results file and chart here (default: none)")
     parser.add_argument("--quick", action="store_true", help="one tiny run per row (times mean nothing)")
     parser.add_argument("--runs", type=int, metavar="N", help="timed runs per side (default 5)")
     parser.add_argument("--threads", type=int, metavar="N", help="threads, all sides (default: all cores)")
@@ -23,10 +24,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--row", action="append", metavar="KEY", help="measure only this row (repeatable)")
     parser.add_argument("--machine", metavar="SLUG", help="results file name (default: <cpu>-<cores>c)")
     args = parser.parse_args(argv)
-    results = run_bench(
-        args.model, args.out, args.quick, runs=args.runs, threads=args.threads,
-        suites=args.suite, rows=args.row, machine=args.machine,
-    )
+    with tempfile.TemporaryDirectory(prefix="core-inference-bench-") as scratch:
+        # Only --out writes where someone will look; without it the results are printed only.
+        results = run_bench(
+            args.model, args.out or scratch, args.quick, runs=args.runs, threads=args.threads,
+            suites=args.suite, rows=args.row, machine=args.machine,
+        )
     failed = [r for s in results["suites"] for r in s["rows"] if r["error"]]
     return 1 if failed or any(s.get("error") for s in results["suites"]) else 0
 
