@@ -31,12 +31,17 @@ class Utf8Holdback:
 
 
 class StopMatcher:
-    """Finds stop strings across token boundaries, holding back a possible stop prefix."""
+    """Finds stop strings across token boundaries, holding back a possible stop prefix.
 
-    __slots__ = ("_buf", "_stops")
+    ``feed``/``flush`` work on text; ``earliest_match``/``earliest_partial`` are the
+    matching itself, which ``TokenFinisher`` uses on the text of the tokens it holds.
+    """
+
+    __slots__ = ("_buf", "_longest", "_stops")
 
     def __init__(self, stops: Iterable[str]) -> None:
         self._stops = tuple(stops)
+        self._longest = max(map(len, self._stops), default=0)
         self._buf = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -46,8 +51,8 @@ class StopMatcher:
         "\n" and "a\na", the text "aa\n" is held until the next piece decides.
         """
         buf = self._buf + text
-        cut = self._earliest_match(buf)
-        pending = self._earliest_partial(buf, len(buf) if cut == -1 else cut)
+        cut, _ = self.earliest_match(buf)
+        pending = self.earliest_partial(buf, len(buf) if cut == -1 else cut)
         if pending != -1:
             self._buf = buf[pending:]
             return buf[:pending], False
@@ -57,28 +62,26 @@ class StopMatcher:
     def flush(self) -> str:
         """Text held back at the end of the stream, cut at a stop string if one is there."""
         buf, self._buf = self._buf, ""
-        cut = self._earliest_match(buf)
+        cut, _ = self.earliest_match(buf)
         return buf if cut == -1 else buf[:cut]
 
-    def _earliest_match(self, buf: str) -> int:
-        cut = -1
+    def earliest_match(self, buf: str) -> tuple[int, str]:
+        """(index, stop) of the earliest stop string in ``buf``, or (-1, "")."""
+        cut, which = -1, ""
         for stop in self._stops:
             i = buf.find(stop)
             if i != -1 and (cut == -1 or i < cut):
-                cut = i
-        return cut
+                cut, which = i, stop
+        return cut, which
 
-    def _earliest_partial(self, buf: str, before: int) -> int:
+    def earliest_partial(self, buf: str, before: int) -> int:
         """First index before ``before`` where the rest of ``buf`` is a proper prefix of a stop."""
-        longest = max(len(stop) for stop in self._stops)
-        for j in range(max(0, len(buf) - longest + 1), before):
+        stops = self._stops
+        for j in range(max(0, len(buf) - self._longest + 1), before):
             tail = buf[j:]
-            if any(len(tail) < len(stop) and stop.startswith(tail) for stop in self._stops):
+            if any(len(tail) < len(stop) and stop.startswith(tail) for stop in stops):
                 return j
         return -1
-
-
-FINISH_REASONS = ("length", "stop", "end_of_text", "context_full", "cancelled", "error")
 
 
 @dataclass
@@ -185,7 +188,7 @@ class TokenFinisher:
     """
 
     __slots__ = (
-        "_decode", "_held", "_held_text", "_longest", "_rec", "_stop_ids", "_stops",
+        "_decode", "_held", "_held_text", "_match", "_partial", "_rec", "_stop_ids", "_stops",
         "count", "finish_reason", "max_tokens", "stop",
     )
 
@@ -193,8 +196,9 @@ class TokenFinisher:
         self.max_tokens = cfg.max_tokens
         self._stop_ids = frozenset(cfg.stop_tokens)
         self._stops = cfg.stop
-        self._longest = max(map(len, cfg.stop), default=0)
-        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        matcher = StopMatcher(cfg.stop)
+        self._match, self._partial = matcher.earliest_match, matcher.earliest_partial
+        self._decode = Utf8Holdback()._decode  # the decoder's own C method: one call per piece
         self._held: list[tuple[int, str]] = []
         self._held_text = ""
         self._rec = rec
@@ -222,12 +226,12 @@ class TokenFinisher:
             return (_make_token(tid, text),)
         self._held.append((tid, text))
         buf = self._held_text = self._held_text + text
-        cut, which = self._earliest_match(buf)
+        cut, which = self._match(buf)
         if last:  # no piece can follow: decide now
             if cut != -1:
                 self.finish_reason, self.stop = "stop", which
             return self._release(len(buf) + 1 if cut == -1 else cut, cut != -1)
-        pending = self._earliest_partial(buf, len(buf) if cut == -1 else cut)
+        pending = self._partial(buf, len(buf) if cut == -1 else cut)
         if pending == -1:
             if cut == -1:
                 return self._release(len(buf) + 1)
@@ -239,7 +243,7 @@ class TokenFinisher:
         """The engine's stream ended by itself: release what is held, record why it ended."""
         if self.finish_reason is not None:
             return _NONE
-        cut, which = self._earliest_match(self._held_text) if self._stops else (-1, "")
+        cut, which = self._match(self._held_text) if self._stops else (-1, "")
         if cut != -1:
             self.finish_reason, self.stop = "stop", which
             return self._release(cut, True)
@@ -273,23 +277,6 @@ class TokenFinisher:
             del held[:n]
             self._held_text = self._held_text[pos:]
         return tuple(out)
-
-    def _earliest_match(self, buf: str) -> tuple[int, str]:
-        cut, which = -1, ""
-        for stop in self._stops:
-            i = buf.find(stop)
-            if i != -1 and (cut == -1 or i < cut):
-                cut, which = i, stop
-        return cut, which
-
-    def _earliest_partial(self, buf: str, before: int) -> int:
-        """First index before ``before`` where the rest of ``buf`` is a proper prefix of a stop."""
-        stops = self._stops
-        for j in range(max(0, len(buf) - self._longest + 1), before):
-            tail = buf[j:]
-            if any(len(tail) < len(stop) and stop.startswith(tail) for stop in stops):
-                return j
-        return -1
 
 
 def finish_tokens(
