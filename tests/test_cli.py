@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import signal
 import struct
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 import core_inference
-from core_inference import GenerateConfig, Message, registry
+from core_inference import Context, GenerateConfig, Message, TokenStream, registry
 from core_inference.cli import PROMPT, ChatSession, chat_turn, describe_error, main, unescape
 from core_inference.testing import FakeBackend, FakeModel
 
@@ -265,6 +266,12 @@ def test_chat_from_a_pipe_answers_each_line(model_env: dict[str, str]) -> None:
     assert result.stderr.count("generated tokens:") == 2  # blank line skipped, /exit ended it
 
 
+def test_chat_defaults_to_the_instruct_model(model_env: dict[str, str]) -> None:
+    result = run("chat", "--max-tokens", "24", stdin="What is 2+2?\n", env=model_env)
+    assert result.returncode == 0, result.stderr
+    assert "4" in result.stdout, result.stdout
+
+
 def test_chat_in_a_terminal_survives_ctrl_c(model_env: dict[str, str]) -> None:
     pexpect = pytest.importorskip("pexpect")
     log = io.StringIO()
@@ -274,6 +281,8 @@ def test_chat_in_a_terminal_survives_ctrl_c(model_env: dict[str, str]) -> None:
     )
     child.logfile_read = log
     try:
+        child.expect_exact("Chatting with SmolLM2-135M-Instruct.Q4_1.gguf on llama_cpp")  # the instruct default
+        child.expect_exact("/exit")  # the greeting says how to leave
         child.expect_exact(PROMPT)
         child.sendline("Write a long story about a dragon.")
         child.expect_exact("dragon.\r\n")  # the terminal echoes the line
@@ -305,9 +314,9 @@ class RecordingModel(FakeModel):
         super().__init__(**kw)
         self.conversations: list[list[Message]] = []
 
-    def chat_prompt(self, messages: Sequence[Any]) -> str:
+    def chat(self, messages: Sequence[Any], *opts: Any, ctx: Context | None = None, **kw: Any) -> TokenStream:
         self.conversations.append(list(messages))
-        return super().chat_prompt(messages)
+        return super().chat(messages, *opts, ctx=ctx, **kw)
 
 
 def test_chat_session_keeps_the_history() -> None:
@@ -345,6 +354,49 @@ def test_ctrl_c_stops_an_answer_and_keeps_what_was_said() -> None:
         session.cfg = GenerateConfig(max_tokens=2)
         assert session.ask("And then?", out)
         assert len(session.history) == 4
+
+
+def test_chat_leaves_out_the_oldest_turns_to_fit_the_context() -> None:
+    with RecordingModel() as model:
+        model.context_len = 40
+        session = ChatSession(model, GenerateConfig(max_tokens=3), system="Be brief and kind.")
+        out = io.StringIO()
+        for i in range(8):
+            assert session.ask(f"question {i} with several more words", out)
+            sent = model.conversations[-1]
+            assert sent[0] == Message("system", "Be brief and kind.")  # the system message stays
+            assert sent[-1] == Message("user", f"question {i} with several more words")
+            assert len(model.tokenize(model.chat_prompt(sent))) + 3 <= 40
+            assert [m.role for m in sent[1:]] == ["user", "assistant"] * ((len(sent) - 2) // 2) + ["user"]
+        assert session.dropped > 0
+        assert len(session.history) < 2 * 8 + 1  # the kept history is the trimmed one
+
+
+def test_chat_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with RecordingModel() as model:
+        session = ChatSession(model, GenerateConfig(max_tokens=3))
+        assert chat_turn(session, "/help", False, False)
+        assert "/save FILE" in capsys.readouterr().err
+        assert chat_turn(session, "/system Answer in French.", False, False)
+        assert chat_turn(session, "Hello", False, False)
+        assert model.conversations[-1][0] == Message("system", "Answer in French.")
+        assert chat_turn(session, "/system Answer in German.", False, False)  # replaces, keeps the turn
+        assert [m.role for m in session.history] == ["system", "user", "assistant"]
+        assert session.history[0].content == "Answer in German."
+        capsys.readouterr()
+        assert chat_turn(session, "/metrics", False, False)
+        assert "generated tokens:    3" in capsys.readouterr().err
+        saved = tmp_path / "chat.json"
+        assert chat_turn(session, f"/save {saved}", False, False)
+        data = json.loads(saved.read_text(encoding="utf-8"))
+        assert [m["role"] for m in data["messages"]] == ["system", "user", "assistant"]
+        assert data["messages"][1]["content"] == "Hello"
+        assert chat_turn(session, f"/save {tmp_path / 'missing' / 'x.json'}", False, False)
+        assert "error:" in capsys.readouterr().err  # a failed save is reported; the chat goes on
+        assert chat_turn(session, "/nonsense", False, False)
+        assert "unknown command /nonsense" in capsys.readouterr().err
+        assert len(model.conversations) == 1  # no command reached the model
+        assert not chat_turn(session, "/quit", False, False)
 
 
 def test_errors_read_as_one_line() -> None:

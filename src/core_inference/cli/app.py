@@ -89,7 +89,8 @@ def build_cli() -> click.Group:
     def cli() -> None:
         """Text generation with llama.cpp, MLX, torch, vLLM or an OpenAI-compatible server.
 
-        Without --model, commands use the embedded default model (Gemma 3 270M).
+        Without --model, generate and info use the embedded Gemma 3 270M (a base model that
+        continues text); chat and serve use the embedded SmolLM2-135M-Instruct.
         """
 
     @cli.command("backends")
@@ -112,10 +113,11 @@ def build_cli() -> click.Group:
     @model_options(click)
     @generation_options(click)
     def chat_cmd(system: str | None, model: str | None, metrics: bool, **kw: Any) -> None:
-        """Talk with a model, one line a turn (stdin may be a pipe).
+        """Talk with a model (default: SmolLM2-135M-Instruct), one line a turn (stdin may be a pipe).
 
-        In a terminal: /reset clears the conversation, /exit or Ctrl-D quits,
-        Ctrl-C stops the answer being written.
+        /help lists the commands: /reset, /system TEXT, /save FILE, /metrics, /exit
+        (or Ctrl-D). Ctrl-C stops the answer being written. When the conversation
+        outgrows the context, the oldest turns are left out (the system message stays).
         """
         load_cfg, gen_cfg = split_options(kw)
         run_chat(model, load_cfg, gen_cfg, system, metrics)
