@@ -11,6 +11,8 @@ What an application uses is here; what a backend author uses is in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .context import Context
 from .discover import DiscoveredModel, discover
 from .errors import (
@@ -69,6 +71,9 @@ from .types import (
 )
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the lazy names below, typed for checkers
+    from .default_model import chat_model_path, default_model_path
 
 # Imported on first touch, keeping ``import core_inference`` fast. The backend-author
 # names lived here before 0.2 and still resolve, from ``core_inference.backend``.
