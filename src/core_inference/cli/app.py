@@ -140,6 +140,9 @@ def build_cli() -> click.Group:
     from ..bench.command import click_command  # the core only: no engine is imported here
 
     cli.add_command(click_command())
+    from .serve import click_command as serve_command  # starlette and uvicorn load only when it runs
+
+    cli.add_command(serve_command())
     return cli
 
 
