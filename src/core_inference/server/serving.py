@@ -180,6 +180,8 @@ class Job:
             for choice in self.choices:
                 if not choice.stream.done:
                     await choice.stream.aclose()
+            for choice in self.choices:
+                await _ended(choice.stream)
             if not self.finished and self.choices:
                 self.served.metrics.disconnect()
             for choice in self.choices:
@@ -195,6 +197,14 @@ class Job:
         prompt = sum(prompts.values())
         completion = sum(c.completion_tokens for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _ended(stream: AsyncTokenStream, timeout: float = 60.0) -> None:
+    """Wait until a closed stream's engine has stopped (a sync engine stops in its worker
+    thread at its next token), so its counts are final and its slot is free again."""
+    deadline = time.monotonic() + timeout
+    while not stream.done and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
 
 # -- starting a request ---------------------------------------------------------------------

@@ -1,0 +1,322 @@
+"""``core-inference serve`` as a real subprocess on 127.0.0.1, driven by the official ``openai`` client.
+
+One server per module (``--parallel 2 --queue 2``) on the embedded instruct model; the
+auth and SIGTERM cases start their own. No timed assertions: counts, statuses and
+finish reasons, with generous waits where a process has to react.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette", reason="needs core-inference[server]")
+pytest.importorskip("uvicorn", reason="needs core-inference[server]")
+openai = pytest.importorskip("openai", reason="the official openai client")
+httpx2 = pytest.importorskip("httpx2")
+
+from core_inference.server.metrics import parse as parse_metrics  # noqa: E402
+from core_inference.server.process import ServerProcess  # noqa: E402
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+PARALLEL, QUEUE = 2, 2
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with ServerProcess(["--parallel", str(PARALLEL), "--queue", str(QUEUE), "--threads", "1",
+                        "--max-body", str(2**20)]) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def model_id(server: ServerProcess) -> str:
+    data = httpx2.get(server.url + "/models").json()
+    return str(data["data"][0]["id"])
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[Any]:
+    with openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def metrics(server: ServerProcess) -> dict[str, float]:
+    return parse_metrics(httpx2.get(server.base + "/metrics").text)
+
+
+def wait_idle(server: ServerProcess, timeout: float = 30.0) -> dict[str, float]:
+    """The metrics once no request runs or waits (a generous bound: the server must react)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(server)
+        if m["core_inference_requests_running"] == 0 and m["core_inference_requests_waiting"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"slots still held: {m}"
+        time.sleep(0.05)
+
+
+def post(server: ServerProcess, path: str, body: bytes | dict[str, Any], **kw: Any) -> Any:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx2.post(server.url + path, content=content, headers={"content-type": "application/json"},
+                       timeout=60, **kw)
+
+
+# -- the openai client, sync and async, streaming and not -----------------------------------------
+
+
+def test_models_and_health(server: ServerProcess, client: Any, model_id: str) -> None:
+    assert [m.id for m in client.models.list()] == [model_id]
+    assert httpx2.get(server.base + "/health").json() == {"status": "ok"}
+
+
+def test_chat_not_streaming_usage_and_length(client: Any, model_id: str) -> None:
+    out = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=8, temperature=0)
+    assert out.object == "chat.completion"
+    choice = out.choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.role == "assistant" and choice.message.content
+    assert out.usage.completion_tokens == 8
+    assert out.usage.prompt_tokens > 5
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 8
+
+
+def test_chat_ends_on_its_own_with_stop(client: Any, model_id: str) -> None:
+    out = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Say hi"}],
+                                         max_completion_tokens=200, temperature=0)
+    assert out.choices[0].finish_reason == "stop"
+    assert 0 < out.usage.completion_tokens < 200
+
+
+def test_chat_streaming_with_usage(client: Any, model_id: str) -> None:
+    whole = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content  # greedy: the same answer either way
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_stop_string(client: Any, model_id: str) -> None:
+    prompt = "List of fruits: apple, banana,"
+    full = client.completions.create(model=model_id, prompt=prompt, max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    assert full.object == "text_completion" and full.usage.completion_tokens == 24
+    cut = text.strip().split()[2]  # a word from the middle of the greedy answer
+    stopped = client.completions.create(model=model_id, prompt=prompt, max_tokens=24, temperature=0,
+                                        stop=[cut])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[: text.index(cut)]
+
+
+def test_n_choices_with_seed(client: Any, model_id: str) -> None:
+    args = dict(model=model_id, prompt="Once upon a time", max_tokens=10, temperature=1.0, n=2, seed=7)
+    first = client.completions.create(**args)
+    again = client.completions.create(**args)
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # the seed decides
+    assert first.usage.completion_tokens == 20
+
+
+def test_async_client_streaming_and_not(server: ServerProcess, model_id: str) -> None:
+    async def main() -> tuple[str, str, list[str | None]]:
+        async with openai.AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0) as c:
+            whole = await c.completions.create(model=model_id, prompt="The sky is", max_tokens=10,
+                                               temperature=0)
+            stream = await c.completions.create(model=model_id, prompt="The sky is", max_tokens=10,
+                                                temperature=0, stream=True)
+            parts, reasons = [], []
+            async for chunk in stream:
+                parts.append(chunk.choices[0].text)
+                reasons.append(chunk.choices[0].finish_reason)
+            return whole.choices[0].text, "".join(parts), reasons
+
+    whole, streamed, reasons = asyncio.run(main())
+    assert streamed == whole
+    assert reasons[-1] == "length" and set(reasons[:-1]) == {None}
+
+
+def test_async_chat_concurrent(server: ServerProcess, model_id: str) -> None:
+    async def main() -> list[Any]:
+        async with openai.AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0) as c:
+            calls = [c.chat.completions.create(model=model_id, messages=CHAT, max_tokens=6, temperature=0)
+                     for _ in range(PARALLEL)]
+            return list(await asyncio.gather(*calls))
+
+    outs = asyncio.run(main())
+    assert len({o.choices[0].message.content for o in outs}) == 1  # outputs never mix
+    assert all(o.usage.completion_tokens == 6 for o in outs)
+
+
+# -- bad requests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": CHAT, "max_tokens": "many"}, "max_tokens"),
+    ({"messages": CHAT, "max_tokens": 10**30}, "max_tokens"),
+    ({"messages": CHAT, "temperature": 7}, "temperature"),
+    ({"messages": CHAT, "top_p": -1}, "top_p"),
+    ({"messages": CHAT, "n": 0}, "n"),
+    ({"messages": CHAT, "n": PARALLEL + 1}, "n"),
+    ({"messages": CHAT, "stop": [""]}, "stop[0]"),
+    ({"messages": CHAT, "stop": 3}, "stop"),
+    ({"messages": CHAT, "stream": "yes"}, "stream"),
+    ({"messages": CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": CHAT, "seed": 1.5}, "seed"),
+])
+def test_bad_field_is_400_naming_it(server: ServerProcess, body: dict[str, Any], param: str) -> None:
+    r = post(server, "/chat/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert param.split("[")[0] in err["message"]
+
+
+@pytest.mark.parametrize("body", [b"{", b"", b"[1, 2]", b"\xff\xfe{}", b'{"prompt": NaN}', b"[" * 100_000])
+def test_malformed_body_is_400(server: ServerProcess, body: bytes) -> None:
+    r = post(server, "/completions", body)
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_client_sees_the_field(client: Any, model_id: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model_id, prompt="x", max_tokens=-3)
+    assert info.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+
+
+def test_prompt_too_long_is_400(server: ServerProcess, model_id: str) -> None:
+    r = post(server, "/completions", {"model": model_id, "prompt": "word " * 20_000, "max_tokens": 2})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "prompt"
+
+
+def test_body_too_large_is_413(server: ServerProcess) -> None:
+    before = metrics(server)
+    r = post(server, "/chat/completions", b'{"messages": "' + b"x" * (2**20 + 10) + b'"}')
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+    key = 'core_inference_requests_total{endpoint="/v1/chat/completions",status="413"}'
+    assert metrics(server)[key] == before.get(key, 0) + 1
+
+
+def test_unknown_route_and_method(server: ServerProcess) -> None:
+    assert httpx2.get(server.url + "/nothing").status_code == 404
+    assert httpx2.get(server.url + "/completions").status_code == 405
+
+
+# -- disconnects and overload ---------------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess, model_id: str) -> None:
+    wait_idle(server)
+    before = metrics(server)
+    body = {"model": model_id, "prompt": "Count to a thousand: 1, 2, 3,", "max_tokens": 2000,
+            "temperature": 0, "stream": True}
+    with httpx2.Client(timeout=60) as c, c.stream("POST", server.url + "/completions", json=body) as r:
+        assert r.status_code == 200
+        events = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events += 1
+                if events == 3:
+                    break  # leaving the block closes the connection mid-stream
+    after = wait_idle(server)
+    gone, tokens = "core_inference_client_disconnects_total", "core_inference_generation_tokens_total"
+    assert after[gone] == before[gone] + 1
+    generated = after[tokens] - before[tokens]
+    assert 3 <= generated < 200, generated  # stopped long before max_tokens
+    # the slot is free: a request after it is served at once
+    assert post(server, "/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_overload_queues_then_429(server: ServerProcess, model_id: str) -> None:
+    wait_idle(server)
+    total = PARALLEL + QUEUE + 2
+    body = {"model": model_id, "prompt": "Write a long story:", "max_tokens": 48, "temperature": 0}
+
+    async def main() -> list[int]:
+        async with httpx2.AsyncClient(timeout=120, limits=httpx2.Limits(max_connections=total)) as c:
+            async def one(i: int) -> int:
+                await asyncio.sleep(0.05 * i)  # in order: the first ones take the slots, then the queue
+                r = await c.post(server.url + "/completions", json=body)
+                if r.status_code == 429:
+                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+                    assert r.headers["retry-after"]
+                return r.status_code
+
+            return list(await asyncio.gather(*(one(i) for i in range(total))))
+
+    before = metrics(server)
+    statuses = asyncio.run(main())
+    assert statuses.count(200) == PARALLEL + QUEUE and statuses.count(429) == total - PARALLEL - QUEUE
+    after = wait_idle(server)
+    key = 'core_inference_requests_total{endpoint="/v1/completions",status="429"}'
+    assert after[key] == before.get(key, 0) + total - PARALLEL - QUEUE
+    assert post(server, "/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_metrics_page(server: ServerProcess) -> None:
+    text = httpx2.get(server.base + "/metrics").text
+    for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total",
+                 "time_to_first_token_seconds_bucket", "requests_running", "requests_waiting"):
+        assert f"core_inference_{name}" in text
+    m = parse_metrics(text)
+    assert m['core_inference_requests_total{endpoint="/v1/chat/completions",status="400"}'] >= 1
+    assert m["core_inference_time_to_first_token_seconds_count"] >= 1
+
+
+# -- a server of its own: the API key, then SIGTERM with a stream in flight ------------------------
+
+
+def test_api_key_then_sigterm_with_a_stream_in_flight() -> None:
+    key = "s3cret-key"
+    server = ServerProcess(["--parallel", "2", "--threads", "1", "--api-key", key])
+    try:
+        for path in ("/health", "/metrics", "/v1/models"):
+            assert httpx2.get(server.base + path).status_code == 401
+            r = httpx2.get(server.base + path, headers={"authorization": "Bearer wrong"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0) as bad, \
+                pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        auth = {"authorization": f"Bearer {key}"}
+        assert httpx2.get(server.base + "/health", headers=auth).status_code == 200
+
+        with openai.OpenAI(base_url=server.url, api_key=key, max_retries=0) as c:
+            model = c.models.list().data[0].id
+            stream = c.chat.completions.create(model=model, messages=CHAT, max_tokens=40, temperature=0,
+                                               stream=True, stream_options={"include_usage": True})
+            chunks = [next(stream)]
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # let the server stop listening before the next request
+            try:
+                r = httpx2.get(server.base + "/health", headers=auth)
+            except (httpx2.ConnectError, httpx2.RemoteProtocolError, httpx2.ReadError):
+                pass  # refused: the server no longer listens
+            else:
+                assert r.status_code == 503, "a new request while draining must be refused"
+            chunks += list(stream)  # the stream in flight finishes
+        assert chunks[-1].usage.completion_tokens == 40
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert server.proc.wait(60) == 0
+    finally:
+        server.kill()
