@@ -261,7 +261,7 @@ def test_overload_queues_then_429(server: ServerProcess, model_id: str) -> None:
                 if r.status_code == 429:
                     assert r.json()["error"]["code"] == "rate_limit_exceeded"
                     assert r.headers["retry-after"]
-                return r.status_code
+                return int(r.status_code)
 
             return list(await asyncio.gather(*(one(i) for i in range(total))))
 
