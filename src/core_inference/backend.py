@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import BackendUnavailable, ModelLoadError
@@ -17,6 +18,8 @@ from .formats import is_url, sniff_format
 from .options import apply_load_opts
 from .protocols import TextModel
 from .types import LoadConfig
+
+_LOAD_FIELDS = frozenset(f.name for f in fields(LoadConfig))
 
 
 class BaseBackend:
@@ -55,8 +58,15 @@ class BaseBackend:
         return sniff_format(path) in self.formats
 
     def load_model(self, path: str | os.PathLike[str], *opts: Any, **kw: Any) -> TextModel:
-        """Load a model; options as ``with_x(...)`` or keywords."""
+        """Load a model; options as ``with_x(...)`` or keywords.
+
+        A keyword naming one of this backend's ``engine_options`` (``model=``/``api_key=``
+        of ``openai``) goes into ``engine_options``; any other unknown keyword is a TypeError.
+        """
+        engine_kw = {k: kw.pop(k) for k in list(kw) if k in self.engine_options and k not in _LOAD_FIELDS}
         cfg = apply_load_opts(opts, **kw)
+        if engine_kw:
+            cfg = replace(cfg, engine_options={**cfg.engine_options, **engine_kw})
         unknown = set(cfg.engine_options) - self.engine_options
         if unknown:
             known = ", ".join(sorted(self.engine_options)) or "none"
