@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import fields
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from .errors import (
 )
 from .options import apply_load_opts
 from .protocols import Backend, TextModel
+from .types import LoadConfig
 
 LOGGER_NAME = "core_inference"  # ``logging`` is imported only when there is something to log
 
@@ -53,6 +55,8 @@ BUILTINS: Mapping[str, BuiltinBackend] = MappingProxyType(
         "cuda": BuiltinBackend("core_inference.backends.transformers:CudaBackend", "torch"),
         "rocm": BuiltinBackend("core_inference.backends.transformers:RocmBackend", "torch"),
         "torch": BuiltinBackend("core_inference.backends.transformers:TorchBackend", "torch"),
+        "metal": BuiltinBackend("core_inference.backends.mlx:MlxBackend", "mlx"),
+        "openai": BuiltinBackend("core_inference.backends.openai:OpenAIBackend", "openai"),
     }
 )
 
@@ -326,7 +330,13 @@ def choose_backend(path: str | os.PathLike[str], name: str = "") -> Backend:
 def load_model(
     path: str | os.PathLike[str] | None = None, *opts: Any, **kw: Any
 ) -> TextModel:
-    """Load a model with the chosen backend; no path loads the embedded default model."""
+    """Load a model with the chosen backend; no path loads the embedded default model.
+
+    Keywords that are not load options (``model=``/``api_key=`` of ``openai``) go to the
+    chosen backend, which takes those it names in ``engine_options`` (others: TypeError).
+    """
+    load_fields = {f.name for f in fields(LoadConfig)}
+    engine_kw = {k: kw.pop(k) for k in list(kw) if k not in load_fields}
     cfg = apply_load_opts(opts, **kw)
     if path is None:
         from .default_model import default_model_path
@@ -336,4 +346,4 @@ def load_model(
 
     check_model_path(path)  # URLs pass unchecked
     backend = choose_backend(path, cfg.backend)
-    return backend.load_model(path, cfg)
+    return backend.load_model(path, cfg, **engine_kw)
