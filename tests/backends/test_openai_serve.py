@@ -1,0 +1,47 @@
+"""The ``openai`` backend against our own ``core-inference serve`` (a real subprocess on
+127.0.0.1, on the model it serves by default): the whole contract suite, with the capabilities a
+text-only server gives (no token ids, no tokenize route, no logits: those rules skip)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("httpx2", reason="needs core-inference[openai]")
+pytest.importorskip("starlette", reason="needs core-inference[server]")
+pytest.importorskip("uvicorn", reason="needs core-inference[server]")
+
+from core_inference.backends.openai import OpenAIBackend
+from core_inference.protocols import TextModel
+from core_inference.server.process import ServerProcess
+from core_inference.testing import BackendContract
+
+_server: dict[str, ServerProcess] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def serve() -> Iterator[ServerProcess]:
+    """One ``serve`` for the module; the contract's models all talk to it."""
+    with ServerProcess(["--parallel", "4", "--threads", "1"]) as proc:
+        _server["proc"] = proc
+        try:
+            yield proc
+        finally:
+            _server.clear()
+
+
+class TestOpenAIAgainstServe(BackendContract):
+    def load_model(self, **kw: Any) -> TextModel:
+        return OpenAIBackend().load_model(_server["proc"].url, **kw)
+
+
+def test_what_serve_gives(serve: ServerProcess) -> None:
+    with OpenAIBackend().load_model(serve.url) as m:
+        caps = m.capabilities
+        assert (caps.token_ids, caps.logits, caps.tokenize, caps.classify) == (False, False, False, "")
+        assert caps.batch_generate == "native" and caps.chat_template
+        stream = m.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=16)
+        assert stream.text().strip() and stream.finish_reason in ("length", "end_of_text")
+        assert stream.prompt_tokens > 0 and stream.metrics.generated_tokens > 0  # the server's usage
