@@ -37,6 +37,8 @@ def click_command() -> Any:
                   help="Chat answers' length when a request does not say.")
     @click.option("--max-body", default=4 * 2**20, show_default=True, type=click.IntRange(1),
                   help="Largest request body in bytes (413 past it).")
+    @click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+                  help="Seconds a request body may take to arrive (408 past it).")
     @click.option("--threads", type=click.IntRange(0), help="CPU threads (0: all cores).")
     @click.option("--context-len", type=click.IntRange(0), help="Context length in tokens (0: the model's).")
     @click.option("--gpu-layers", type=click.IntRange(-1), help="Layers offloaded to the GPU (-1: all).")
@@ -55,7 +57,8 @@ def click_command() -> Any:
 
 def run_serve(
     model: str | None, backend: str | None, host: str, port: int, parallel: int, queue: int | None,
-    api_key: str | None, model_name: str | None, max_tokens: int, max_body: int, threads: int | None,
+    api_key: str | None, model_name: str | None, max_tokens: int, max_body: int, body_timeout: float,
+    threads: int | None,
     context_len: int | None, gpu_layers: int | None, log_level: str,
 ) -> int:
     """Load the model, bind, serve until stopped; the exit status."""
@@ -83,7 +86,7 @@ def run_serve(
             served = Served(m, model_name or loaded.name, metrics,
                             Admission(parallel, 4 * parallel if queue is None else queue, metrics),
                             chat_max_tokens=max_tokens)
-            state = ServerState(served, api_key=api_key or None, max_body=max_body)
+            state = ServerState(served, api_key=api_key or None, max_body=max_body, body_timeout=body_timeout)
             ok = run(state, sock, log_level, print_ready)
     finally:
         sock.close()
