@@ -175,8 +175,10 @@ def test_tokenize_round_trips(model: MlxModel) -> None:
 
 
 def test_classify_is_exact_against_single_runs(model: MlxModel) -> None:
-    together = model.classify(PROMPTS, return_logits=True)
-    for prompt, res in zip(PROMPTS, together, strict=True):
+    # lengths from 3 to past Gemma's 64-token sliding window: the padding differs row by row
+    prompts = [*PROMPTS, "word " * 70, "The quick brown fox jumps over the lazy dog. " * 6]
+    together = model.classify(prompts, return_logits=True)
+    for prompt, res in zip(prompts, together, strict=True):
         alone = model.classify([prompt], return_logits=True)[0]
         first = list(model.generate(prompt, max_tokens=1))
         assert res.err is None and res.token == alone.token
@@ -334,6 +336,34 @@ def test_context_full() -> None:
 def test_chat_uses_the_folder_template(model: MlxModel) -> None:
     msgs = [ci.Message("user", "Say hello.")]
     assert model.chat_prompt(msgs) == "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+    end_of_turn = model.tokenize("<|im_end|>")
+    assert len(end_of_turn) == 1 and end_of_turn[0] in model._chat_stops  # a reply ends at its turn's end
+
+
+def test_engine_errors_are_mapped(model: MlxModel) -> None:
+    oom = model._map_engine_error(RuntimeError("[malloc_or_wait] Unable to allocate 1099511627776 bytes"))
+    assert isinstance(oom, ci.EngineError) and "out of memory" in str(oom)
+    other = model._map_engine_error(RuntimeError("[eval] something broke"))
+    assert isinstance(other, ci.EngineError) and "something broke" in str(other)
+    # a failure inside the engine mid-stream reaches the caller mapped, with its cause chained
+    inner = model._model
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+        def __call__(self, *args: Any, **kw: Any) -> Any:
+            raise RuntimeError("[metal::Device] command buffer failed")
+
+    model._model = Broken()
+    try:
+        stream = model.generate(PROMPT, max_tokens=4)
+        with pytest.raises(ci.EngineError, match="command buffer") as info:
+            list(stream)
+        assert isinstance(info.value.__cause__, RuntimeError) and stream.finish_reason == "error"
+    finally:
+        model._model = inner
+    assert list(model.generate(PROMPT, max_tokens=2))
 
 
 def test_metrics_carry_mlx_memory(model: MlxModel) -> None:

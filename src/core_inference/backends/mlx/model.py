@@ -24,7 +24,7 @@ from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelC
 from ...formats.hf import HFFolder
 from ...model import BaseModel
 from ...streaming import MetricsRecorder, Piece, TokenFinisher, engine_seed
-from ...templates import ChatTemplate, builtin_template, no_template_error, render_jinja
+from ...templates import BUILTIN_TEMPLATES, builtin_template, no_template_error, render_jinja
 from ...types import (
     BatchResult,
     Capabilities,
@@ -91,6 +91,7 @@ class MlxModel(BaseModel):
         self._bos_text = folder.bos_token or tokenizer.bos_token or ""
         self._vocab_size = int(getattr(getattr(self._model, "args", None), "vocab_size", 0) or n)
         self._template = None if folder.chat_template else builtin_template(self.model_type, self._has_token)
+        self._chat_stops = self._end_of_turn_ids()
 
     def _load(self) -> tuple[Any, Any]:
         """mlx-lm's model and tokenizer for the folder (``ModelLoadError`` where it cannot)."""
@@ -128,11 +129,21 @@ class MlxModel(BaseModel):
             raise no_template_error(self.path, self.model_type)
         return str(self._template.render(messages))
 
-    def _end_of_turn_ids(self, template: ChatTemplate | None) -> frozenset[int]:
-        if template is None:
-            return frozenset()
+    def _end_of_turn_ids(self) -> frozenset[int]:
+        """Tokens that end the assistant's turn in a chat, besides the model's EOS ids.
+
+        A built-in template names them. A folder's own template usually ends turns with a
+        token its generation config lists as EOS; where it does not, the end-of-turn tokens
+        of the known formats that the template writes (``<end_of_turn>``, ``<|im_end|>``,
+        ``<|eot_id|>``) stop the reply too.
+        """
         vocab = self._tokenizer.get_vocab()
-        return frozenset(vocab[t] for t in template.end_of_turn if t in vocab)
+        if self._template is not None:
+            names: set[str] = set(self._template.end_of_turn)
+        else:
+            source = self.folder.chat_template or ""
+            names = {t for tpl in BUILTIN_TEMPLATES.values() for t in tpl.end_of_turn if t in source}
+        return frozenset(vocab[t] for t in names if t in vocab)
 
     def _tokenize(self, text: str) -> list[int]:
         """The prompt's tokens; the tokenizer's BOS is added unless the text begins with it."""
@@ -191,7 +202,7 @@ class MlxModel(BaseModel):
     def _engine_chat(
         self, prepared: str, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> Iterator[Piece]:
-        return self._decode_stream(prepared, self._end_of_turn_ids(self._template), cfg, ctx, rec)
+        return self._decode_stream(prepared, self._chat_stops, cfg, ctx, rec)
 
     def _decode_stream(
         self, text: str, stop: frozenset[int], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
@@ -448,7 +459,9 @@ class MlxModel(BaseModel):
         ``ValueError``, which the base class passes through as a caller's mistake.
         """
         text = str(exc)
-        if isinstance(exc, MemoryError) or "out of memory" in text.lower() or "malloc" in text.lower():
+        lower = text.lower()
+        if isinstance(exc, MemoryError) or any(w in lower for w in ("out of memory", "unable to allocate",
+                                                                       "malloc")):
             return EngineError(f"mlx: out of memory ({text})" if text else "mlx: out of memory")
         if isinstance(exc, RuntimeError):
             return EngineError(f"mlx: {text}")
