@@ -250,6 +250,20 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
 
+    def scenario_interrupted(self, body: dict[str, Any], chat: bool, prompt: str) -> None:
+        """Two words, then [DONE] with no finish reason (llama-cpp-python, interrupted)."""
+        self._start_sse()
+        for i in range(2):
+            self._event(self._chunk(body, chat, i))
+        self._event("[DONE]")
+
+    def scenario_empty(self, body: dict[str, Any], chat: bool, prompt: str) -> None:
+        """An empty stream; asked again unstreamed, the reason as a 400."""
+        if body.get("stream"):
+            self._start_sse()
+        else:
+            self._send_json(400, {"error": {"message": "the prompt is bad", "type": "invalid_request_error"}})
+
     def scenario_hang(self, body: dict[str, Any], chat: bool, prompt: str) -> None:
         """Never answers (until the test ends)."""
         self.server.stop.wait(30)
@@ -523,6 +537,21 @@ def test_no_retry_after_the_first_token(model: TextModel, hostile: Hostile) -> N
         for tok in model.generate("cut", max_tokens=10):
             got.append(tok.text)
     assert got == WORDS[:2] and hostile.seen["cut"] == 1
+
+
+def test_done_without_a_finish_reason_is_a_cut_stream(model: TextModel) -> None:
+    got = []
+    with pytest.raises(RemoteProtocolError, match="no finish reason"):
+        for tok in model.generate("interrupted", max_tokens=10):
+            got.append(tok.text)
+    assert got == WORDS[:2]
+
+
+def test_an_empty_stream_is_asked_again_for_its_reason(model: TextModel, hostile: Hostile) -> None:
+    with pytest.raises(RemoteHTTPError, match="the prompt is bad") as info:
+        list(model.generate("empty", max_tokens=10))
+    assert info.value.status == 400 and hostile.seen["empty"] == 2
+    assert hostile.bodies[-1]["max_tokens"] == 1 and "stream" not in hostile.bodies[-1]
 
 
 def test_chunked_stream_cut_midway(model: TextModel, hostile: Hostile) -> None:

@@ -107,11 +107,13 @@ class Remote:
             if ctype == "application/json":
                 yield await self._json(resp, url)
                 return
-            finished = False
+            finished = got = False
             async for event in httpx2.EventSource(resp):
                 data = event.data
                 if data.strip() == "[DONE]":
-                    return
+                    if finished:
+                        return
+                    break  # llama-cpp-python ends a stream so when a newer request interrupts it
                 if not data and event.event != "error":
                     continue
                 try:
@@ -123,10 +125,27 @@ class Remote:
                     raise status_error(_stream_error_status(chunk), chunk, url, None, mid_stream=True)
                 if _has_finish(chunk):
                     finished = True
+                got = True
                 yield chunk
-            if not finished:
-                raise RemoteProtocolError(f"{url}: the stream ended before its end (no [DONE], "
-                                          "no finish reason)", url=url, status=resp.status_code)
+            if finished:
+                return
+        if not got:  # an empty stream: a server that fails after its 200 (llama-cpp-python's
+            await self._diagnose(url, body)  # prompt too long); ask again, unstreamed, for why
+        raise RemoteProtocolError(f"{url}: the stream ended before its end (no finish reason)"
+                                  + ("" if got else ": the server sent nothing"), url=url, status=200)
+
+    async def _diagnose(self, url: str, body: Mapping[str, Any]) -> None:
+        """Raise the error the same request gets unstreamed (one token), if it gets one."""
+        quiet = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        quiet["max_tokens"] = 1
+        for _ in range(2):  # a server that failed may have closed the kept-alive connection
+            try:
+                await self.post_json(url, quiet)
+                return
+            except RemoteProtocolError:
+                return
+            except httpx2.TransportError:
+                continue
 
     def retry_delay(self, exc: BaseException, attempt: int) -> float | None:
         """Seconds to wait before retry number ``attempt + 1`` after ``exc``, or None for no retry.

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from ...context import Context
 from ...errors import EngineError, InferenceError, ModelLoadError
 from ...model import BaseModel
-from ...streaming import MetricsRecorder, Piece, TokenFinisher, afinish_tokens
+from ...streaming import MetricsRecorder, Piece, SlotQueue, TokenFinisher, afinish_tokens
 from ...types import (
     BatchResult,
     Capabilities,
@@ -122,6 +122,7 @@ class OpenAIModel(BaseModel):
         self.options = RemoteOptions.from_options(cfg.engine_options)
         self.url = base_url(url)
         super().__init__(cfg.parallel_slots or DEFAULT_SLOTS)
+        self._asked_slots = cfg.parallel_slots
         self.model_id = ""
         self.flavor = ""  # "vllm", "llama.cpp", "llama-cpp-python" or "" (from its tokenize route)
         self.id_mode = IDS_NONE
@@ -156,6 +157,10 @@ class OpenAIModel(BaseModel):
         if isinstance(meta.get("n_vocab"), int):
             self._vocab = meta["n_vocab"]
         await self._probe_tokenizer(remote)
+        if self.flavor == "llama-cpp-python" and not self._asked_slots:
+            # It serves one request at a time and, by default, ends a running stream when
+            # another request comes in: one request at a time from here too.
+            self._slots = SlotQueue(1)
         self.id_mode = opts.token_ids if opts.token_ids != "auto" else await self._probe_ids(remote)
 
     async def _pick_model(self, remote: Remote) -> dict[str, Any]:
