@@ -210,6 +210,7 @@ ENTRY_POINT_GROUP = "core_inference.bench_suites"
 BUILTIN_SUITES: dict[str, str] = {
     "core": "core_inference.bench.core_suite:SUITE",
     "llama_cpp": "core_inference.bench.llama_cpp_suite:SUITE",
+    "torch": "core_inference.bench.torch_suite:SUITE",
     "mlx": "core_inference.bench.mlx_suite:SUITE",
 }
 _suites: dict[str, Suite | str] = dict(BUILTIN_SUITES)

@@ -292,13 +292,24 @@ class TransformersModel(BaseModel):
     # -- classify and batch generation -------------------------------------------------
 
     def _encode_all(self, prompts: list[str]) -> tuple[dict[int, list[int]], dict[int, BaseException]]:
+        """Every prompt's tokens, in one tokenizer call per add-BOS choice; a bad prompt's error
+        is kept for its own result (one bad prompt does not sink the batch)."""
         encoded: dict[int, list[int]] = {}
         errors: dict[int, BaseException] = {}
-        for i, p in enumerate(prompts):
-            try:
-                encoded[i] = self._prompt_tokens(p)
-            except (ContextLengthExceeded, ValueError) as exc:  # one bad prompt does not sink the batch
-                errors[i] = exc
+        bos = self._bos_text
+        for add in (True, False):
+            keys = [i for i, p in enumerate(prompts) if (not (bos and p.startswith(bos))) == add]
+            if not keys:
+                continue
+            ids = self._tok([prompts[i] for i in keys], add_special_tokens=add)["input_ids"]
+            for i, tokens in zip(keys, ids, strict=True):
+                if not tokens:
+                    errors[i] = ValueError("prompt: no tokens to decode (an empty prompt, and the "
+                                           "tokenizer adds no BOS)")
+                elif len(tokens) + 1 > self.context_len:
+                    errors[i] = ContextLengthExceeded(len(tokens), self.context_len)
+                else:
+                    encoded[i] = list(tokens)
         return encoded, errors
 
     def _classify(
@@ -318,9 +329,14 @@ class TransformersModel(BaseModel):
                 else:
                     ids, mask, positions = self._padded(rows)
                     logits = self._forward(ids, None, mask, positions)
+                if cfg.greedy and cfg.repeat_penalty in (0.0, 1.0):  # one argmax for the whole batch
+                    picks = logits.argmax(-1).tolist()
+                else:
+                    picks = [Sampler(cfg, r, self.device).sample(logits[i]) for i, r in enumerate(rows)]
+                table = logits.float().cpu().numpy() if cfg.return_logits else None
                 for i, key in enumerate(group):
-                    tid = Sampler(cfg, rows[i], self.device).sample(logits[i])
-                    row = logits[i].float().cpu().numpy() if cfg.return_logits else None
+                    tid = picks[i]
+                    row = table[i] if table is not None else None
                     done[key] = (Token(tid, self._piece(tid).decode("utf-8", "replace")), row)
                 rec.prefill_duration += clock() - t
             rec.first_token = rec.first_token or clock()
@@ -396,7 +412,7 @@ class TransformersModel(BaseModel):
                 t = clock()
                 ids, mask, positions = self._padded(rows)
                 logits = self._forward(ids, cache, mask, positions)
-                picks = [s.sample(logits[i]) for i, s in enumerate(samplers)]
+                picks = self._pick(samplers, logits, range(len(rows)))
                 rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - t
             rec.prefill_done(rec.prompt_tokens + sum(map(len, rows)))
             live = list(range(len(rows)))  # batch row -> index in the group
@@ -433,10 +449,18 @@ class TransformersModel(BaseModel):
                         next_pos[gi] += 1
                     step = torch.tensor([[x] for x in feed], device=dev)
                     logits = self._forward(step, cache, mask, positions)
-                    picks = [samplers[gi].sample(logits[b]) for b, gi in enumerate(live)]
+                    picks = self._pick(samplers, logits, live)
                     rec.decode_duration = (rec.decode_duration or 0.0) + clock() - t
         finally:
             del cache
+
+    @staticmethod
+    def _pick(samplers: list[Sampler], logits: torch.Tensor, rows: Sequence[int]) -> list[int]:
+        """The next token of each batch row (``rows[b]``: the sampler of batch row ``b``)."""
+        if samplers[0].plain_greedy:  # one config for all rows: one argmax for the whole batch
+            picks: list[int] = logits.argmax(-1).tolist()
+            return picks
+        return [samplers[gi].sample(logits[b]) for b, gi in enumerate(rows)]
 
     # -- errors --------------------------------------------------------------------------
 

@@ -48,6 +48,11 @@ class Sampler:
             else:
                 self._gen.manual_seed(engine_seed(cfg.seed, 64))
 
+    @property
+    def plain_greedy(self) -> bool:
+        """True when sampling is an argmax over the logits (greedy, no penalty)."""
+        return self.greedy and self._window is None
+
     def sample(self, logits: torch.Tensor) -> int:
         """The next token from one position's logits (a 1-D tensor; run under inference mode)."""
         if self._window is not None and self._window:

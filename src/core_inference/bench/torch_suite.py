@@ -1,0 +1,234 @@
+"""Rows for the ``torch`` backend (transformers on the CPU) against transformers called directly.
+
+Both sides use the same loaded ``AutoModelForCausalLM`` (our backend's own module object:
+the same weights, dtype and torch threads), in the same process, interleaved. The model is
+a Hugging Face folder passed as ``--model DIR`` (for the default model, the output of
+``core-inference convert``); a GGUF file is not something transformers runs as is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .llama_cpp_suite import BATCH_PROMPTS, DECODE_PROMPT, _sentences
+
+
+def _why_unavailable() -> str | None:
+    for module in ("torch", "transformers"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install 'core-inference[torch]')"
+    return None
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"torch": str(torch.__version__), "transformers": str(transformers.__version__)}
+
+
+def _timed(work: Callable[[], int]) -> Callable[[], float]:
+    """A side that returns units per second for work returning its unit count."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        units = work()
+        return units / (time.perf_counter() - start)
+
+    return run
+
+
+def _hf_folder(cfg: BenchConfig) -> str:
+    from ..formats import sniff_format
+
+    if cfg.model and sniff_format(cfg.model) == "safetensors":
+        return cfg.model
+    raise BenchError(
+        "the torch suite runs a Hugging Face safetensors folder: pass --model DIR "
+        "(for the default model, the folder `core-inference convert` writes)"
+    )
+
+
+OURS_DECODE = "ours: generate"
+HF_GENERATE = "model.generate(do_sample=False)"
+
+
+def _decode_row(model: Any, cfg: BenchConfig) -> Row:
+    import torch
+
+    n, prompt = cfg.decode_tokens, DECODE_PROMPT
+    hf, tok = model._model, model._tok
+    ids = torch.tensor([model.tokenize(prompt)], device=model.device)
+
+    def ours() -> int:
+        got = sum(1 for _ in model.generate(prompt, max_tokens=n))
+        if got != n:
+            raise BenchError(f"generate stopped after {got} of {n} tokens; pick another prompt")
+        return n
+
+    def hf_generate() -> int:
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=model._pad)
+        got = out.shape[1] - ids.shape[1]
+        if got != n:
+            raise BenchError(f"transformers' generate gave {got} of {n} tokens")
+        return n
+
+    def forward_loop() -> int:
+        """The bare engine: our cache and forward calls, a fixed token fed back, no sampling."""
+        from transformers import DynamicCache
+
+        kw = {model._cache_kw: DynamicCache(config=hf.config), "use_cache": True, "logits_to_keep": 1}
+        with torch.inference_mode():
+            hf(input_ids=ids, **kw)
+            step = ids[:, -1:]
+            for _ in range(n - 1):
+                hf(input_ids=step, **kw)
+        return n
+
+    loop_name = "forward loop with DynamicCache, no sampling"
+    return Row(
+        key="decode",
+        title=f"Streaming decode, {n} greedy tokens",
+        unit="tokens/s",
+        sides=[Side(OURS_DECODE, _timed(ours), True), Side(HF_GENERATE, _timed(hf_generate), False),
+               Side(loop_name, _timed(forward_loop), False)],
+        reference=HF_GENERATE,
+        targets=[Target(OURS_DECODE, ">=", 0.97, HF_GENERATE)],
+        note=f"prompt {DECODE_PROMPT!r}; tokens/s = {n} / wall time of the call (prefill included); "
+        "transformers' generate gets min_new_tokens so it never stops early; the forward loop is the "
+        "ceiling (no sampling, no text)",
+        info={"prompt_tokens": int(ids.shape[1]), "tokenizer": type(tok).__name__},
+    )
+
+
+def _batch_row(model: Any, cfg: BenchConfig) -> Row:
+    import torch
+
+    prompts = [BATCH_PROMPTS[i % len(BATCH_PROMPTS)] + ("" if i < len(BATCH_PROMPTS) else f" ({i})")
+               for i in range(cfg.batch_prompts)]
+    n = cfg.batch_tokens
+    hf = model._model
+    seen: dict[str, Any] = {"prompts": len(prompts), "max_tokens": n}
+    rows = [model.tokenize(p) for p in prompts]
+    ids, mask, _ = model._padded(rows)
+
+    def ours_batch() -> int:
+        results = model.batch_generate(prompts, max_tokens=n)
+        errors = [r.err for r in results if r.err is not None]
+        if errors:
+            raise BenchError(f"batch_generate: {errors[0]}")
+        counts = [len(r.tokens) for r in results]
+        seen["batch_generate_tokens"] = counts
+        return sum(counts)
+
+    def ours_sequential() -> int:
+        return sum(sum(1 for _ in model.generate(p, max_tokens=n)) for p in prompts)
+
+    def hf_batched() -> int:
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=model._pad)
+        return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+
+    sides = [
+        Side("ours: batch_generate", _timed(ours_batch), True),
+        Side(f"ours: {len(prompts)} x generate, one after another", _timed(ours_sequential), True),
+        Side("model.generate on the left-padded batch", _timed(hf_batched), False),
+    ]
+    if hasattr(hf, "generate_batch") and model.device.type == "cuda":  # its paged cache is for GPUs
+        from transformers import GenerationConfig
+
+        gen_cfg: Any = GenerationConfig(  # type: ignore[no-untyped-call]
+            max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=model._pad
+        )
+
+        def hf_continuous() -> int:
+            with torch.inference_mode():
+                out = hf.generate_batch(inputs=rows, generation_config=gen_cfg, progress_bar=False)
+            return sum(len(r.generated_tokens) for r in out.values())
+
+        sides.append(Side("model.generate_batch (continuous batching)", _timed(hf_continuous), False))
+    ref = "model.generate on the left-padded batch"
+    return Row(
+        key="batch_generate",
+        title=f"batch_generate, {len(prompts)} prompts x {n} tokens",
+        unit="tokens/s",
+        sides=sides,
+        reference=ref,
+        targets=[Target("ours: batch_generate", ">=", 0.97, ref)],
+        note="aggregate generated tokens/s; ours drops a row from the batch when it ends (end of text); "
+        "transformers' sides always generate max_tokens per prompt",
+        info=seen,
+    )
+
+
+def _classify_row(model: Any, cfg: BenchConfig) -> Row:
+    import torch
+
+    from ..backends.transformers.model import CLASSIFY_ROWS
+
+    sentences = _sentences(cfg.classify_sentences)
+    hf, tok = model._model, model._tok
+    encoded = [model.tokenize(s) for s in sentences]
+    groups = [sentences[i : i + CLASSIFY_ROWS] for i in range(0, len(sentences), CLASSIFY_ROWS)]
+
+    def ours() -> int:
+        return len(model.classify(sentences))
+
+    def ours_each() -> int:
+        return sum(len(model.classify([s])) for s in sentences)
+
+    def engine() -> int:
+        picks = 0
+        with torch.inference_mode():
+            for group in groups:
+                batch = tok(group, padding=True, padding_side="left", return_tensors="pt").to(model.device)
+                pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                logits = hf(**batch, position_ids=pos, logits_to_keep=1).logits
+                picks += len(logits[:, -1].argmax(-1).tolist())
+        return picks
+
+    name = f"tokenizer(batch, padding left) + forward, batches of {CLASSIFY_ROWS}, argmax"
+    lengths = [len(e) for e in encoded]
+    return Row(
+        key="classify",
+        title=f"classify, {len(sentences)} sentences of ~{sum(lengths) / len(lengths):.0f} tokens",
+        unit="sentences/s",
+        sides=[Side("ours: classify (batched)", _timed(ours), True),
+               Side("ours: classify, one sentence per call", _timed(ours_each), True),
+               Side(name, _timed(engine), False)],
+        reference=name,
+        targets=[Target("ours: classify (batched)", ">=", 0.97, name)],
+        note="both sides tokenize, pad on the left, run one forward pass per batch and pick the greedy "
+        "token; ours also sorts prompts by length (less padding) and builds a Token per sentence",
+        info={"sentences": len(sentences), "mean_tokens": sum(lengths) / len(lengths)},
+    )
+
+
+def _rows(cfg: BenchConfig) -> Iterator[Row]:
+    from ..backends.transformers import TorchBackend
+
+    path = _hf_folder(cfg)
+    with TorchBackend().load_model(path, threads=cfg.threads) as model:
+        facts = {"model": os.path.basename(os.path.normpath(path)), "threads": cfg.threads,
+                 "dtype": str(model.dtype), "device": str(model.device)}
+        for make in (_decode_row, _batch_row, _classify_row):
+            row = make(model, cfg)
+            row.info.update(facts)
+            yield row
+
+
+SUITE = Suite(
+    name="torch",
+    engine="transformers (AutoModelForCausalLM.generate / forward) on torch's CPU",
+    rows=_rows,
+    why_unavailable=_why_unavailable,
+    versions=_versions,
+)
