@@ -295,7 +295,9 @@ def build_app(state: ServerState, on_ready: Callable[[], None] | None = None) ->
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (port 0: one the OS picks)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets, and without
+    # it every keep-alive answer waits ~40 ms for a delayed ACK (headers and body go apart)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
