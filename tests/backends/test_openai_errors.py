@@ -47,6 +47,7 @@ class Hostile(ThreadingHTTPServer):
         self.gone = threading.Event()  # a streaming client left
         self.models = ["m"]
         self.token_ids = True  # answer return_token_ids as vLLM does
+        self.api_key = ""  # when set, completions need it
         self.stop = threading.Event()
 
     @property
@@ -92,6 +93,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path not in ("/v1/completions", "/v1/chat/completions"):
             self._send_json(404, {"detail": "Not Found"})
+            return
+        if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+            self._send_json(401, {"error": {"message": "Incorrect API key provided",
+                                            "code": "invalid_api_key"}})
+            return
+        if body.get("model") not in self.server.models:
+            self._send_json(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                            "type": "NotFoundError", "code": "model_not_found"}})
             return
         chat = self.path.endswith("chat/completions")
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
@@ -327,6 +336,20 @@ def test_several_models_need_a_name(hostile: Hostile) -> None:
             assert m.info().architecture == "openai:b"
     finally:
         hostile.models = ["m"]
+
+
+def test_a_wrong_model_or_key_fails_at_load_with_the_servers_message(hostile: Hostile) -> None:
+    with pytest.raises(ci.ModelLoadError, match="The model `nope` does not exist") as info:
+        ci.load_model(hostile.url, model="nope")
+    assert isinstance(info.value.__cause__, RemoteHTTPError) and info.value.__cause__.status == 404
+    hostile.api_key = "sk-right"
+    try:
+        with pytest.raises(ci.ModelLoadError, match="Incorrect API key"):
+            ci.load_model(hostile.url, api_key="sk-wrong")
+        with ci.load_model(hostile.url, api_key="sk-right") as m:
+            assert m.generate("ok", max_tokens=1).text() == WORDS[0]
+    finally:
+        hostile.api_key = ""
 
 
 def test_unknown_keyword_is_still_a_type_error(hostile: Hostile) -> None:

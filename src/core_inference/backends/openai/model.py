@@ -210,9 +210,11 @@ class OpenAIModel(BaseModel):
                 answer = await remote.post_json(remote.url("/completions"), body)
                 delta = parse_chunk(answer, chat=False, mode=mode)
             except RemoteHTTPError as exc:
-                if exc.status in (401, 403, 404):  # a wrong key or model: say so at load
+                wrong_model = exc.status == 404 and (
+                    exc.code == "model_not_found" or "model" in exc.server_message.lower())
+                if exc.status in (401, 403) or wrong_model:  # a wrong key or model: say so at load
                     raise
-                continue
+                continue  # this form is not understood here (or there is no /completions)
             except (RemoteError, ValueError):
                 continue
             if delta.ids:

@@ -53,9 +53,13 @@ def id_fields(mode: str, chat: bool) -> dict[str, Any]:
     return {}
 
 
-def stream_fields() -> dict[str, Any]:
-    """Streaming with usage (vLLM also sends it in every chunk, so it survives an early close)."""
-    return {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+def stream_fields(flavor: str = "") -> dict[str, Any]:
+    """Streaming with usage; vLLM is asked for it in every chunk, so it survives an early close
+    (only vLLM: a strict server rejects a ``stream_options`` key it does not know)."""
+    options: dict[str, Any] = {"include_usage": True}
+    if flavor == "vllm":
+        options["continuous_usage_stats"] = True
+    return {"stream": True, "stream_options": options}
 
 
 def completion_body(model: str, prompt: str, cfg: GenerateConfig, mode: str, flavor: str,
@@ -65,7 +69,7 @@ def completion_body(model: str, prompt: str, cfg: GenerateConfig, mode: str, fla
     body.update(sampling_fields(cfg, flavor))
     body.update(id_fields(mode, chat=False))
     if stream:
-        body.update(stream_fields())
+        body.update(stream_fields(flavor))
     body.update(extra)
     return body
 
@@ -77,7 +81,7 @@ def chat_body(model: str, messages: list[dict[str, str]], cfg: GenerateConfig, m
     body.update(sampling_fields(cfg, flavor))
     body.update(id_fields(mode, chat=True))
     if stream:
-        body.update(stream_fields())
+        body.update(stream_fields(flavor))
     body.update(extra)
     return body
 
