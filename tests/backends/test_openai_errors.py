@@ -48,6 +48,8 @@ class Hostile(ThreadingHTTPServer):
         self.models = ["m"]
         self.token_ids = True  # answer return_token_ids as vLLM does
         self.api_key = ""  # when set, completions need it
+        self.lock = threading.Lock()
+        self.running = self.most = 0  # "busy" requests running now, and at most
         self.stop = threading.Event()
 
     @property
@@ -185,6 +187,18 @@ class Handler(BaseHTTPRequestHandler):
             self._event({"choices": [choice]})
         self._event(self._chunk(body, chat, None, "stop"))
         self._event("[DONE]")
+
+    def scenario_busy(self, body: dict[str, Any], chat: bool, prompt: str) -> None:
+        """A normal stream that takes 0.2 s, counting how many run at once."""
+        with self.server.lock:
+            self.server.running += 1
+            self.server.most = max(self.server.most, self.server.running)
+        try:
+            time.sleep(0.2)
+            self.scenario_ok(body, chat, prompt)
+        finally:
+            with self.server.lock:
+                self.server.running -= 1
 
     def scenario_slow(self, body: dict[str, Any], chat: bool, prompt: str) -> None:
         """A word every 20 ms until the client leaves (noticed when a write fails)."""
@@ -473,6 +487,17 @@ def test_batch_generate_and_classify_are_concurrent_requests(model: TextModel, h
     assert "stream" not in hostile.bodies[-1] and hostile.bodies[-1]["max_tokens"] == 1
     with pytest.raises(ValueError, match="logits"):
         model.classify(["ok"], return_logits=True)
+
+
+def test_batch_and_classify_requests_are_bounded_by_the_slots(hostile: Hostile) -> None:
+    with OpenAIBackend().load_model(hostile.url, parallel_slots=3) as m:
+        hostile.most = 0
+        results = m.batch_generate(["busy"] * 9, max_tokens=2)
+        assert [r.text for r in results] == [WORDS[0] + WORDS[1]] * 9
+        assert 1 < hostile.most <= 3  # concurrent, never more than the model's slots
+        hostile.most = 0
+        assert [r.token.id for r in m.classify(["busy"] * 9)] == [BASE_ID] * 9
+        assert 1 < hostile.most <= 3
 
 
 # -- cancellation --------------------------------------------------------------------
