@@ -159,6 +159,29 @@ def test_async_chat_concurrent(server: ServerProcess, model_id: str) -> None:
     assert all(o.usage.completion_tokens == 6 for o in outs)
 
 
+def test_logprobs_completions_stream_and_not(client: Any, model_id: str) -> None:
+    args = dict(model=model_id, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    whole = client.completions.create(**args).choices[0]
+    lp = whole.logprobs
+    assert "".join(lp.tokens) == whole.text and len(lp.token_logprobs) == 4
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 2 and chosen <= 0
+        assert chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy: the likeliest token
+    streamed = [c.choices[0] for c in client.completions.create(**args, stream=True)]
+    values = [v for c in streamed if c.logprobs for v in c.logprobs.token_logprobs]
+    assert values == pytest.approx(lp.token_logprobs, abs=1e-3)
+
+
+def test_logprobs_chat(client: Any, model_id: str) -> None:
+    out = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=3, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == out.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-6)
+        assert bytes(t.bytes).decode() == t.token
+
+
 # -- bad requests ----------------------------------------------------------------------------------
 
 
@@ -179,6 +202,8 @@ def test_async_chat_concurrent(server: ServerProcess, model_id: str) -> None:
     ({"messages": CHAT, "stream": "yes"}, "stream"),
     ({"messages": CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": CHAT, "seed": 1.5}, "seed"),
+    ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
 ])
 def test_bad_field_is_400_naming_it(server: ServerProcess, body: dict[str, Any], param: str) -> None:
     r = post(server, "/chat/completions", body)

@@ -21,6 +21,7 @@ from ..errors import ContextLengthExceeded, InferenceError, ModelClosed
 from ..protocols import TextModel
 from ..results import AsyncTokenStream
 from ..types import Message, Token
+from .logprobs import Scored, chat_format, completion_format, score
 from .metrics import ServerMetrics
 from .protocol import ChatRequest, CompletionRequest, ProtocolError, Sampling, error_body, finish_reason
 
@@ -132,7 +133,7 @@ class Choice:
         self.prompt = prompt  # which prompt it answers (completions take several)
         self.stream = stream
         self.first: Token | None = None
-        self.text: list[str] = []
+        self.got: list[Token] = []  # what it has yielded so far
 
     async def prime(self) -> None:
         """Wait for the first token (or the end), so errors before it become HTTP statuses."""
@@ -148,6 +149,16 @@ class Choice:
             async for token in self.stream:
                 yield token
 
+    async def scored(self, job: Job) -> AsyncIterator[tuple[Token, Scored | None]]:
+        """The tokens, each scored as it comes when the request asks for logprobs."""
+        async for token in self.tokens():
+            entry = None
+            if job.logprobs is not None:
+                (entry,) = await score(job.served.model, job.bases[self.prompt], [token], job.logprobs,
+                                       before=self.got)
+            self.got.append(token)
+            yield token, entry
+
     @property
     def finish_reason(self) -> str | None:
         return finish_reason(self.stream.finish_reason)
@@ -160,11 +171,15 @@ class Choice:
 class Job:
     """A running request: its choices and its lease; ``close`` stops what runs and frees the slots."""
 
-    def __init__(self, served: Served, lease: Lease, arrived: float, kind: str) -> None:
+    def __init__(self, served: Served, lease: Lease, arrived: float, kind: str,
+                 logprobs: int | None = None, bases: Sequence[str] = ()) -> None:
         self.served = served
         self.lease = lease
         self.arrived = arrived
         self.kind = kind
+        self.logprobs = logprobs  # alternatives per token when logprobs are asked for
+        self.bases = list(bases)  # each prompt's text, which the logprobs' prefixes begin with
+        self._names: dict[int, str] = {}
         self.choices: list[Choice] = []
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -188,6 +203,21 @@ class Job:
                 self.served.metrics.tokens(choice.stream.prompt_tokens, choice.completion_tokens)
         finally:
             self.lease.release()
+
+    def token_name(self, token_id: int) -> str:
+        """A token id's text (for the alternatives in logprobs)."""
+        name = self._names.get(token_id)
+        if name is None:
+            name = self._names[token_id] = self.served.model.detokenize([token_id])
+        return name
+
+    def logprobs_json(self, items: Sequence[Scored], offset: int = 0) -> dict[str, Any] | None:
+        """The ``logprobs`` field of a choice or chunk for ``items`` (None when not asked for)."""
+        if self.logprobs is None:
+            return None
+        if self.kind == "chat":
+            return chat_format(items, self.token_name)
+        return completion_format(items, self.token_name, offset)
 
     def usage(self) -> dict[str, int]:
         """OpenAI's usage: each prompt's tokens once (n choices share it), every choice's tokens."""
@@ -235,13 +265,22 @@ async def start(served: Served, kind: str, payloads: Sequence[Any], sampling: Sa
     are freed on every way out.
     """
     served.check_model(sampling)
-    if sampling.logprobs is not None:
-        raise ProtocolError("logprobs: not supported by this server yet", "logprobs")
-    lease = await served.admission.acquire(len(payloads) * sampling.n)
-    job = Job(served, lease, arrived, kind)
+    model = served.model
     param = "messages" if kind == "chat" else "prompt"
+    bases: list[str] = []
+    weight = len(payloads) * sampling.n
+    if sampling.logprobs is not None:
+        if not model.capabilities.logits:
+            raise ProtocolError("logprobs: this model's backend gives no logits", "logprobs")
+        try:
+            bases = [model.chat_prompt(p) if kind == "chat" else p for p in payloads]
+        except Exception as exc:
+            raise error_for(exc, param) from exc
+        if sampling.stream:
+            weight *= 2  # a stream scores each token while it holds its own slot
+    lease = await served.admission.acquire(weight)
+    job = Job(served, lease, arrived, kind, sampling.logprobs, bases)
     try:
-        model = served.model
         for p, payload in enumerate(payloads):
             for j in range(sampling.n):
                 cfg = sampling.config_for(j)
@@ -280,26 +319,29 @@ async def answer(job: Job, echo_prompts: Sequence[str] = ()) -> dict[str, Any]:
     try:
         async def drain(choice: Choice) -> None:
             async for token in choice.tokens():
-                choice.text.append(token.text)
+                choice.got.append(token)
 
         results = await asyncio.gather(*(drain(c) for c in job.choices), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise error_for(r, "prompt") from r
+        scored: list[list[Scored]] = [[] for _ in job.choices]
+        if job.logprobs is not None:  # the streams have ended and freed their slots: score in batches
+            for i, c in enumerate(job.choices):
+                scored[i] = await score(job.served.model, job.bases[c.prompt], c.got, job.logprobs)
         job.finished = True
     finally:
         await job.close()
     choices = []
-    for c in job.choices:
-        text = "".join(c.text)
+    for c, items in zip(job.choices, scored, strict=True):
+        text = "".join(t.text for t in c.got)
         if job.kind == "chat":
             choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "logprobs": None, "finish_reason": c.finish_reason})
+                            "logprobs": job.logprobs_json(items), "finish_reason": c.finish_reason})
         else:
-            if echo_prompts:
-                text = echo_prompts[c.prompt] + text
-            choices.append({"index": c.index, "text": text, "logprobs": None,
-                            "finish_reason": c.finish_reason})
+            echo = echo_prompts[c.prompt] if echo_prompts else ""
+            choices.append({"index": c.index, "text": echo + text, "finish_reason": c.finish_reason,
+                            "logprobs": job.logprobs_json(items, len(echo))})
     return {
         "id": job.id,
         "object": "chat.completion" if job.kind == "chat" else "text_completion",
@@ -330,16 +372,24 @@ async def events(job: Job, include_usage: bool, echo_prompts: Sequence[str] = ()
     obj = "chat.completion.chunk" if chat else "text_completion"
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, text: str | None, reason: str | None, role: bool = False) -> bytes:
+    offsets = [len(echo_prompts[c.prompt]) if echo_prompts else 0 for c in job.choices]
+
+    def chunk(index: int, text: str | None, reason: str | None, role: bool = False,
+              entry: Scored | None = None) -> bytes:
+        logprobs = None
+        if entry is not None:
+            logprobs = job.logprobs_json([entry], offsets[index])
+            offsets[index] += len(entry.token.text)
         if chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            body: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            body: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
+                                    "finish_reason": reason}
         else:
-            body = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            body = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
         return sse({"id": job.id, "object": obj, "created": job.created, "model": job.served.name,
                     "choices": [body], **usage_field})
 
@@ -351,16 +401,18 @@ async def events(job: Job, include_usage: bool, echo_prompts: Sequence[str] = ()
                 yield chunk(c.index, echo_prompts[c.prompt], None)
         if len(job.choices) == 1:
             only = job.choices[0]
-            async for token in only.tokens():
-                if token.text:
-                    yield chunk(only.index, token.text, None)
+            async for token, entry in only.scored(job):
+                if token.text or entry is not None:
+                    yield chunk(only.index, token.text, None, entry=entry)
             yield chunk(only.index, None if chat else "", only.finish_reason)
         else:
-            async for index, item in _merged(job.choices):
+            async for index, item in _merged(job):
                 if item is _END:
                     yield chunk(index, None if chat else "", job.choices[index].finish_reason)
-                elif isinstance(item, Token) and item.text:
-                    yield chunk(index, item.text, None)
+                elif isinstance(item, tuple):
+                    token, entry = item
+                    if token.text or entry is not None:
+                        yield chunk(index, token.text, None, entry=entry)
         job.finished = True
         if include_usage:
             yield sse({"id": job.id, "object": obj, "created": job.created, "model": job.served.name,
@@ -374,14 +426,15 @@ async def events(job: Job, include_usage: bool, echo_prompts: Sequence[str] = ()
     yield sse("[DONE]")
 
 
-async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[int, object]]:
-    """Tokens of several choices as they come, each choice's end marked by ``_END``."""
+async def _merged(job: Job) -> AsyncIterator[tuple[int, object]]:
+    """(token, scored) of several choices as they come, each choice's end marked by ``_END``."""
     queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+    choices = job.choices
 
     async def pump(c: Choice) -> None:
         try:
-            async for token in c.tokens():
-                await queue.put((c.index, token))
+            async for pair in c.scored(job):
+                await queue.put((c.index, pair))
         except BaseException as exc:
             await queue.put((c.index, exc))
             raise
