@@ -3,6 +3,7 @@ on tiny random llama and gemma3_text folders built in the test run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -392,3 +394,91 @@ def test_close_frees_host_memory(tmp_path: Path) -> None:
           f"{freed / 1e6:.0f} MB")
     assert grown >= 0.8 * weights, got  # the model really was in memory ...
     assert freed >= 0.8 * weights, got  # ... and close() gave (nearly) all of it back
+
+
+# -- continuous batching -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_concurrent_streams_share_forward_passes(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core_inference.backends.transformers import batcher
+
+    monkeypatch.setattr(batcher, "GATHER_SECONDS", 5.0)  # the leader waits for every decoding stream
+    n = 4
+    with load(arch, parallel_slots=n) as m:
+        assert m._batcher is not None
+        # past the tiny gemma's 64-token sliding window, so its sliding caches are batched too
+        alone = {p: ids(m.generate(p, max_tokens=60)) for p in PROMPTS}
+        sizes: list[int] = []
+        real = m._forward
+
+        def spy(x: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
+            sizes.append(x.shape[0])
+            return real(x, *a, **kw)
+
+        m._forward = spy  # type: ignore[method-assign,assignment]
+        gate = threading.Barrier(n, timeout=120)
+        got: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+        cancel_me = ci.Context.background().with_cancel()
+
+        def work(i: int) -> None:
+            try:
+                out = []
+                ctx = cancel_me if i == 3 else None
+                with contextlib.suppress(ci.Cancelled):
+                    for tok in m.generate(PROMPTS[i], max_tokens=60, ctx=ctx):
+                        out.append(tok.id)
+                        if len(out) == 1:
+                            gate.wait()  # every stream is past its prefill: the next steps are shared
+                        if i == 3 and len(out) == 10:
+                            cancel_me.cancel()  # one stream leaves mid-way; the others go on
+                got[i] = out
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        del m._forward
+        assert not errors, errors
+        for i in range(3):
+            assert got[i] == alone[PROMPTS[i]], i
+        assert got[3] == alone[PROMPTS[3]][:10]
+        assert max(sizes) == n and m._batcher.shared_steps > 0, sizes
+
+
+def test_continuous_batching_can_be_turned_off() -> None:
+    with load("llama", parallel_slots=2, engine_options={"continuous_batching": False}) as m:
+        assert m._batcher is None and list(m.generate("Hello", max_tokens=2))
+    with load("llama") as m:
+        assert m._batcher is None  # one slot: nothing to share
+
+
+def test_sentencepiece_byte_fallback_pieces() -> None:
+    """Gemma/Llama-2 style tokens ("▁" for a space, <0xAB> byte tokens) give the tokenizer's own bytes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from core_inference.backends.transformers.sampling import TokenPieces
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for w in ("\u2581", "a", "b", "\u2581a", "é", "h", "e", "t"):
+        vocab[w] = len(vocab)
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    raw.normalizer = normalizers.Replace(" ", "\u2581")
+    raw.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok: Any = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    pieces = TokenPieces(tok)
+    assert pieces.kind == "sentencepiece" and pieces.exact
+    text = " the a é 🙂 bé"
+    token_ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert [pieces(i) for i in token_ids].count(b"\xf0") == 1  # the emoji comes as byte tokens
+    assert b"".join(pieces(i) for i in token_ids).decode() == tok.decode(token_ids) == text
+    assert pieces(tok.eos_token_id) == b""

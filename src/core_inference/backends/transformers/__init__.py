@@ -23,7 +23,7 @@ from ...types import LoadConfig
 if TYPE_CHECKING:
     from .model import TransformersModel
 
-ENGINE_OPTIONS = frozenset({"prefill_chunk", "dtype"})
+ENGINE_OPTIONS = frozenset({"prefill_chunk", "dtype", "continuous_batching"})
 
 
 def torch_build() -> dict[str, str | None]:

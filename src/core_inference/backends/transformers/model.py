@@ -38,6 +38,7 @@ from ...types import (
     ModelInfo,
     Token,
 )
+from .batcher import StepBatcher, can_batch
 from .sampling import Sampler, TokenPieces
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
@@ -79,6 +80,9 @@ class TransformersModel(BaseModel):
         dtype = opts.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"engine_options: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        continuous = opts.get("continuous_batching", True)
+        if not isinstance(continuous, bool):
+            raise ValueError(f"engine_options: continuous_batching must be True or False, got {continuous!r}")
         super().__init__(cfg.parallel_slots or 1)
         self.dtype = DTYPES[dtype]
         self.folder = folder
@@ -91,6 +95,7 @@ class TransformersModel(BaseModel):
         self._engine_lock = threading.Lock()  # one forward pass at a time on this model
         self._model: Any = None
         self._tok: Any = None
+        self._batcher: StepBatcher | None = None
         try:
             torch.set_num_threads(self.threads)
             self._tok, self._model = self._load_engine()
@@ -114,6 +119,12 @@ class TransformersModel(BaseModel):
             turn = self._template.end_of_turn if self._template is not None else ()
             self._chat_stops = self._stops | {self._tok.convert_tokens_to_ids(t) for t in turn}
             self._n_params = sum(p.numel() for p in self._model.parameters())
+            # concurrent streams share each decode step; rows need explicit positions for that
+            self._batcher = (
+                StepBatcher(self)
+                if self._slots.size > 1 and self._positions and continuous and can_batch(self._new_cache())
+                else None
+            )
         except BaseException:
             self._closed.set()  # a model that never was: free now, and no "not closed" warning
             self._free()
@@ -243,6 +254,7 @@ class TransformersModel(BaseModel):
         sampler = Sampler(cfg, tokens, self.device)
         cache = self._new_cache()
         clock = time.perf_counter
+        batcher, joined = self._batcher, False
         try:
             tid = self._prefill(tokens, cache, sampler, ctx, rec)
             rec.prefill_done(len(tokens))
@@ -251,6 +263,10 @@ class TransformersModel(BaseModel):
             decode = 0.0  # this call's own forward passes, never the waits for its turn
             rec.decode_duration = 0.0
             piece, lock, dev = self._piece, self._engine_lock, self.device
+            pos = len(tokens)
+            if batcher is not None:
+                batcher.joined()
+                joined = True
             for n in range(1, limit + 1):
                 if tid in stops:
                     break
@@ -259,13 +275,20 @@ class TransformersModel(BaseModel):
                     if limit == room:
                         rec.finish_reason = "context_full"
                     break
-                with lock, torch.inference_mode():
-                    t = clock()
-                    logits = self._forward(torch.tensor([[tid]], device=dev), cache)
-                    tid = sampler.sample(logits[0])
-                    decode += clock() - t
+                if batcher is not None:  # one forward pass with the other streams' steps
+                    tid, spent = batcher.step(tid, cache, pos, sampler)
+                    decode += spent
+                else:
+                    with lock, torch.inference_mode():
+                        t = clock()
+                        logits = self._forward(torch.tensor([[tid]], device=dev), cache)
+                        tid = sampler.sample(logits[0])
+                        decode += clock() - t
+                pos += 1
                 rec.decode_duration = decode
         finally:
+            if joined and batcher is not None:
+                batcher.left()
             del cache
             rec.active_memory_bytes, rec.peak_memory_bytes = self._memory()
 
@@ -457,7 +480,7 @@ class TransformersModel(BaseModel):
     @staticmethod
     def _pick(samplers: list[Sampler], logits: torch.Tensor, rows: Sequence[int]) -> list[int]:
         """The next token of each batch row (``rows[b]``: the sampler of batch row ``b``)."""
-        if samplers[0].plain_greedy:  # one config for all rows: one argmax for the whole batch
+        if all(samplers[gi].plain_greedy for gi in rows):  # one argmax for the whole batch
             picks: list[int] = logits.argmax(-1).tolist()
             return picks
         return [samplers[gi].sample(logits[b]) for b, gi in enumerate(rows)]
