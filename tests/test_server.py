@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -270,6 +271,59 @@ def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess, model_id: s
     generated = after[tokens] - before[tokens]
     assert 3 <= generated < 200, generated  # stopped long before max_tokens
     # the slot is free: a request after it is served at once
+    assert post(server, "/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def _raw_post(server: ServerProcess, path: str, body: dict[str, Any]) -> socket.socket:
+    """A request sent on a raw socket, left unread (closing the socket is the client leaving)."""
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST /v1{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def wait_for(server: ServerProcess, name: str, value: float, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metrics(server)[name] != value:
+        assert time.monotonic() < deadline, f"{name} never became {value}: {metrics(server)}"
+        time.sleep(0.02)
+
+
+def test_disconnect_during_a_whole_answer_stops_it(server: ServerProcess, model_id: str) -> None:
+    wait_idle(server)
+    before = metrics(server)
+    sock = _raw_post(server, "/completions", {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000,
+                                              "temperature": 0})
+    wait_for(server, "core_inference_requests_running", 1)
+    sock.close()
+    after = wait_idle(server)
+    gone = 'core_inference_requests_total{endpoint="/v1/completions",status="499"}'
+    assert after[gone] == before.get(gone, 0) + 1
+    tokens = "core_inference_generation_tokens_total"
+    assert after[tokens] - before[tokens] < 1000  # stopped, not run to max_tokens
+
+
+def test_disconnect_while_queued_leaves_the_queue(server: ServerProcess, model_id: str) -> None:
+    wait_idle(server)
+    before = metrics(server)
+    long = {"model": model_id, "prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "stream": True}
+    holders = [_raw_post(server, "/completions", long) for _ in range(PARALLEL)]
+    try:
+        for sock in holders:  # their answers have begun (200): they hold their slots
+            sock.settimeout(60)
+            assert sock.recv(12) == b"HTTP/1.1 200"
+        queued = _raw_post(server, "/completions", {"prompt": "Hi", "max_tokens": 2})
+        wait_for(server, "core_inference_requests_waiting", 1)
+        queued.close()
+        wait_for(server, "core_inference_requests_waiting", 0)
+    finally:
+        for sock in holders:
+            sock.close()
+    after = wait_idle(server)
+    gone = 'core_inference_requests_total{endpoint="/v1/completions",status="499"}'
+    assert after[gone] == before.get(gone, 0) + 1  # the queued one; the streams had begun (200)
     assert post(server, "/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
