@@ -587,6 +587,11 @@ def test_no_retry_after_the_first_token(model: TextModel, hostile: Hostile) -> N
     assert got == WORDS[:2] and hostile.seen["cut"] == 1
 
 
+def test_a_cut_after_the_last_token_asked_for_is_no_error(model: TextModel) -> None:
+    stream = model.generate("cut", max_tokens=2)
+    assert [t.text for t in stream] == WORDS[:2] and stream.finish_reason == "length"
+
+
 def test_done_without_a_finish_reason_is_a_cut_stream(model: TextModel) -> None:
     got = []
     with pytest.raises(RemoteProtocolError, match="no finish reason"):

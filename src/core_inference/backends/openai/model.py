@@ -293,11 +293,12 @@ class OpenAIModel(BaseModel):
                     if call.emitted >= cfg.max_tokens:
                         # The last token asked for: read the usage the server sends after it
                         # before handing it over (the consumer stops pulling after this one).
-                        for _ in range(DRAIN_CHUNKS):
-                            nxt = await anext(events, None)
-                            if nxt is None:
-                                break
-                            self._note(parse_chunk(nxt, chat, mode), rec, call)
+                        with contextlib.suppress(Exception):  # what was asked for has come
+                            for _ in range(DRAIN_CHUNKS):
+                                nxt = await anext(events, None)
+                                if nxt is None:
+                                    break
+                                self._note(parse_chunk(nxt, chat, mode), rec, call)
                     yield piece
         finally:
             await events.aclose()
