@@ -33,7 +33,8 @@ from core_inference.testing import BackendContract
 
 from .hf_tiny import make_tiny_model
 
-PROMPTS = ["The capital of France is", "Hello", "One two three", "Grüße aus Köln, 你好 🙂 and more words"]
+PROMPTS = ["The capital of France is", "Hello", "One two three", "Grüße aus Köln, 你好 🙂 and more words",
+           "The quick brown fox jumps over the lazy dog. " * 4]  # past gemma's 64-token sliding window
 _FOLDERS: dict[str, Path] = {}
 
 
