@@ -48,6 +48,7 @@ class Hostile(ThreadingHTTPServer):
         self.models = ["m"]
         self.token_ids = True  # answer return_token_ids as vLLM does
         self.api_key = ""  # when set, completions need it
+        self.flavor = "vllm"  # or "llama.cpp": its /tokenize, /props and /v1/models meta
         self.lock = threading.Lock()
         self.running = self.most = 0  # "busy" requests running now, and at most
         self.stop = threading.Event()
@@ -75,7 +76,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        if self.path == "/v1/models":
+        llama = self.server.flavor == "llama.cpp"
+        if llama and self.path == "/props":
+            self._send_json(200, {"default_generation_settings": {"n_ctx": 1024}, "total_slots": 4})
+        elif llama and self.path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "meta": {"n_ctx_train": 8192, "n_vocab": 262144}}
+                for m in self.server.models]})
+        elif self.path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [
                 {"id": m, "object": "model", "max_model_len": 4096} for m in self.server.models]})
         else:
@@ -85,6 +93,14 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", "0"))
         body = json.loads(self.rfile.read(length) or b"{}")
         self.server.bodies.append(body)
+        if self.path == "/tokenize" and self.server.flavor == "llama.cpp":
+            # llama-server: "content" (no "prompt"), no BOS unless add_special
+            bos = [1] if body.get("add_special") else []
+            self._send_json(200, {"tokens": bos + [len(w) for w in body.get("content", "").split()]})
+            return
+        if self.path == "/detokenize" and self.server.flavor == "llama.cpp":
+            self._send_json(200, {"content": " ".join("x" * i for i in body["tokens"][1:])})
+            return
         if self.path == "/tokenize":  # vLLM's form
             words = body.get("prompt", "").split()
             self._send_json(200, {"tokens": [1] + [len(w) for w in words], "count": len(words) + 1,
@@ -364,6 +380,24 @@ def test_a_wrong_model_or_key_fails_at_load_with_the_servers_message(hostile: Ho
             assert m.generate("ok", max_tokens=1).text() == WORDS[0]
     finally:
         hostile.api_key = ""
+
+
+def test_a_llama_cpp_server(hostile: Hostile) -> None:
+    hostile.flavor = "llama.cpp"
+    try:
+        with ci.load_model(hostile.url) as m:
+            assert m.context_len == 1024 and m.info().vocab_size == 262144  # /props: the loaded context
+            assert m.capabilities.parallel_slots == 4  # its -np
+            assert m.tokenize("a bb") == [1, 1, 2]  # with its BOS (add_special)
+            assert m.detokenize([1, 1, 2]) == "x xx"
+            list(m.generate("ok", max_tokens=1, temperature=0.5))
+            sent = hostile.bodies[-1]  # its defaults are not "off": every option is sent
+            assert (sent["top_k"], sent["top_p"], sent["repeat_penalty"]) == (0, 1.0, 1.0)
+            assert "repetition_penalty" not in sent and "continuous_usage_stats" not in sent["stream_options"]
+        with ci.load_model(hostile.url, parallel_slots=2, context_len=512) as m:
+            assert (m.capabilities.parallel_slots, m.context_len) == (2, 512)  # asked for: kept
+    finally:
+        hostile.flavor = "vllm"
 
 
 def test_unknown_keyword_is_still_a_type_error(hostile: Hostile) -> None:

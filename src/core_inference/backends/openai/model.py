@@ -123,6 +123,7 @@ class OpenAIModel(BaseModel):
         self.url = base_url(url)
         super().__init__(cfg.parallel_slots or DEFAULT_SLOTS)
         self._asked_slots = cfg.parallel_slots
+        self._asked_ctx = cfg.context_len
         self.model_id = ""
         self.flavor = ""  # "vllm", "llama.cpp", "llama-cpp-python" or "" (from its tokenize route)
         self.id_mode = IDS_NONE
@@ -161,6 +162,8 @@ class OpenAIModel(BaseModel):
             # It serves one request at a time and, by default, ends a running stream when
             # another request comes in: one request at a time from here too.
             self._slots = SlotQueue(1)
+        if self.flavor == "llama.cpp":
+            await self._read_props(remote)
         self.id_mode = opts.token_ids if opts.token_ids != "auto" else await self._probe_ids(remote)
 
     async def _pick_model(self, remote: Remote) -> dict[str, Any]:
@@ -200,6 +203,22 @@ class OpenAIModel(BaseModel):
                 if limit and not self.context_len:
                     self.context_len = limit
                 return
+
+    async def _read_props(self, remote: Remote) -> None:
+        """llama.cpp's ``/props``: the context it runs with and its parallel slots (``-np``)."""
+        try:
+            props = await remote.get_json(remote.url("/props", root=True))
+        except RemoteError:
+            return
+        if not isinstance(props, dict):
+            return
+        settings = props.get("default_generation_settings")
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        if isinstance(n_ctx, int) and n_ctx > 0:
+            self.context_len = self._asked_ctx or n_ctx  # the loaded context, not the trained one
+        slots = props.get("total_slots")
+        if isinstance(slots, int) and slots > 0 and not self._asked_slots:
+            self._slots = SlotQueue(slots)
 
     async def _probe_ids(self, remote: Remote) -> str:
         """Which way, if any, this server gives token ids (one token generated per try)."""
