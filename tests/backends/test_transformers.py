@@ -483,3 +483,13 @@ def test_sentencepiece_byte_fallback_pieces() -> None:
     assert [pieces(i) for i in token_ids].count(b"\xf0") == 1  # the emoji comes as byte tokens
     assert b"".join(pieces(i) for i in token_ids).decode() == tok.decode(token_ids) == text
     assert pieces(tok.eos_token_id) == b""
+
+
+def test_chat_prompt_is_the_folders_template_as_transformers_renders_it(model: TransformersModel) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    want = model._tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert model.chat_prompt(msgs) == want
+    stream = model.chat(msgs, max_tokens=4)
+    list(stream)
+    assert stream.prompt_tokens == len(model._tok(want)["input_ids"])
