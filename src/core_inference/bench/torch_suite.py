@@ -2,8 +2,8 @@
 
 Both sides use the same loaded ``AutoModelForCausalLM`` (our backend's own module object:
 the same weights, dtype and torch threads), in the same process, interleaved. The model is
-a Hugging Face folder passed as ``--model DIR`` (for the default model, the output of
-``core-inference convert``); a GGUF file is not something transformers runs as is.
+a Hugging Face folder passed as ``--suite torch --model DIR`` (for the default model, the
+output of ``core-inference convert``); with a GGUF file or no model the suite gives no rows.
 """
 
 from __future__ import annotations
@@ -43,15 +43,18 @@ def _timed(work: Callable[[], int]) -> Callable[[], float]:
     return run
 
 
-def _hf_folder(cfg: BenchConfig) -> str:
-    from ..formats import sniff_format
+def _hf_folder(cfg: BenchConfig) -> str | None:
+    """The Hugging Face folder to measure; None for a GGUF file or no model (nothing to run)."""
+    from ..formats import GGUF, HF, sniff_format
 
-    if cfg.model and sniff_format(cfg.model) == "safetensors":
+    if not cfg.model:
+        return None
+    kind = sniff_format(cfg.model)
+    if kind == HF:
         return cfg.model
-    raise BenchError(
-        "the torch suite runs a Hugging Face safetensors folder: pass --model DIR "
-        "(for the default model, the folder `core-inference convert` writes)"
-    )
+    if kind == GGUF:
+        return None
+    raise BenchError(f"the torch suite needs a Hugging Face safetensors folder, got {cfg.model!r}")
 
 
 OURS_DECODE = "ours: generate"
@@ -276,6 +279,10 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
     from ..backends.transformers import TorchBackend
 
     path = _hf_folder(cfg)
+    if path is None:
+        # transformers does not run GGUF files as they are: measured on a converted folder only
+        # (--suite torch --model DIR). The runner has no "skipped for this model" yet: no rows.
+        return
     with TorchBackend().load_model(path, threads=cfg.threads) as model:
         facts = {"model": os.path.basename(os.path.normpath(path)), "threads": cfg.threads,
                  "dtype": str(model.dtype), "device": str(model.device)}
