@@ -63,6 +63,10 @@ def wait_idle(server: ServerProcess, timeout: float = 30.0) -> dict[str, float]:
         time.sleep(0.05)
 
 
+def post_root(server: ServerProcess, path: str, body: dict[str, Any]) -> Any:
+    return httpx2.post(server.base + path, json=body, timeout=60)
+
+
 def post(server: ServerProcess, path: str, body: bytes | dict[str, Any], **kw: Any) -> Any:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx2.post(server.url + path, content=content, headers={"content-type": "application/json"},
@@ -181,6 +185,32 @@ def test_logprobs_chat(client: Any, model_id: str) -> None:
     for t in content:
         assert len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-6)
         assert bytes(t.bytes).decode() == t.token
+
+
+def test_tokenize_detokenize_and_token_ids(server: ServerProcess, model_id: str) -> None:
+    """vLLM's /tokenize, /detokenize and return_token_ids (what the openai backend reads)."""
+    tok = post_root(server, "/tokenize", {"model": model_id, "prompt": "Hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] > 0
+    assert post_root(server, "/detokenize", {"tokens": tok["tokens"]}).json() == {"prompt": "Hello world"}
+    chat = post_root(server, "/tokenize", {"messages": CHAT}).json()
+    assert chat["count"] > len(tok["tokens"])
+    out = post(server, "/completions", {"prompt": "The sky is", "max_tokens": 6, "temperature": 0,
+                                        "return_token_ids": True}).json()["choices"][0]
+    assert len(out["token_ids"]) == 6
+    assert post_root(server, "/detokenize", {"tokens": out["token_ids"]}).json()["prompt"] == out["text"]
+    body = {"prompt": "The sky is", "max_tokens": 6, "temperature": 0, "return_token_ids": True,
+            "stream": True}
+    with httpx2.stream("POST", server.url + "/completions", json=body, timeout=60) as r:
+        ids = [i for line in r.iter_lines() if line.startswith("data: {")
+               for i in json.loads(line[6:])["choices"][0].get("token_ids", [])]
+    assert ids == out["token_ids"]
+
+
+def test_detokenize_past_the_vocabulary_is_400_not_a_crash(server: ServerProcess) -> None:
+    r = post_root(server, "/detokenize", {"tokens": [1, 10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens[1]"
+    assert post_root(server, "/detokenize", {"tokens": "abc"}).status_code == 400
+    assert httpx2.get(server.base + "/health").status_code == 200
 
 
 # -- bad requests ----------------------------------------------------------------------------------

@@ -25,8 +25,17 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import InferenceError
 from .metrics import CLIENT_GONE
-from .protocol import ProtocolError, error_body, parse_chat, parse_completion, parse_json
+from .protocol import (
+    ProtocolError,
+    error_body,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_json,
+    parse_tokenize,
+)
 from .serving import Job, Served, answer, events, start_chat, start_completion
 
 _T = TypeVar("_T")
@@ -257,6 +266,44 @@ async def _chat(request: Request, state: ServerState) -> Any:
     return _json(await until_disconnect(request.receive, answer(job)))
 
 
+async def _tokenize(request: Request, state: ServerState) -> Response:
+    """vLLM's ``/tokenize``: ``{"count", "max_model_len", "tokens"}``."""
+    req = parse_tokenize(parse_json(await read_body(request, state.max_body, state.body_timeout)))
+    served = state.served
+    served.check_model_name(req.model)
+    model = served.model
+    if not model.capabilities.tokenize:
+        raise ProtocolError("this model's backend cannot tokenize", status=501, code="not_implemented")
+    try:
+        text = req.prompt if req.prompt is not None else model.chat_prompt(list(req.messages))
+        ids = await asyncio.to_thread(model.tokenize, text)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(str(exc), "prompt" if req.prompt is not None else "messages") from exc
+    return _json({"count": len(ids), "max_model_len": model.context_len or None, "tokens": ids})
+
+
+async def _detokenize(request: Request, state: ServerState) -> Response:
+    """vLLM's ``/detokenize``: ``{"prompt": text}``."""
+    data = parse_json(await read_body(request, state.max_body, state.body_timeout))
+    ids = parse_detokenize(data)
+    model_name = data.get("model")
+    state.served.check_model_name(model_name if isinstance(model_name, str) else None)
+    model = state.served.model
+    if not model.capabilities.tokenize:
+        raise ProtocolError("this model's backend cannot detokenize", status=501, code="not_implemented")
+    vocab = state.served.vocab_size
+    for i, t in enumerate(ids):
+        if vocab and t >= vocab:  # llama.cpp aborts the whole process on an id past its vocabulary
+            raise ProtocolError(f"tokens[{i}]: {t} is not in the vocabulary (size {vocab})", f"tokens[{i}]")
+    try:
+        text = await asyncio.to_thread(model.detokenize, ids)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ProtocolError(f"tokens: {exc}", "tokens") from exc
+    except InferenceError as exc:
+        raise ProtocolError(f"tokens: {exc}", "tokens") from exc
+    return _json({"prompt": text})
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
     return _json(error_body(f"no route {request.url.path}", "not_found_error", None, None), 404)
 
@@ -283,6 +330,8 @@ def build_app(state: ServerState, on_ready: Callable[[], None] | None = None) ->
         Route("/v1/models", endpoint(_models, state), methods=["GET"]),
         Route("/v1/completions", endpoint(_completions, state), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(_chat, state), methods=["POST"]),
+        Route("/tokenize", endpoint(_tokenize, state), methods=["POST"]),
+        Route("/detokenize", endpoint(_detokenize, state), methods=["POST"]),
         Route("/health", endpoint(_health, state), methods=["GET"]),
         Route("/metrics", endpoint(_metrics, state), methods=["GET"]),
     ]

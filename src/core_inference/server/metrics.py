@@ -12,7 +12,8 @@ import threading
 from collections import Counter
 
 ENDPOINTS = frozenset({
-    "/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics",
+    "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/health",
+    "/metrics",
 })
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CLIENT_GONE = 499  # nginx's "client closed request": the client left before the answer began

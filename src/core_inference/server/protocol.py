@@ -183,6 +183,7 @@ class Sampling:
     logprobs: int | None = None  # None: not asked; else how many alternatives per token (0..20)
     model: str | None = None
     seeds: tuple[int | None, ...] = field(default=(None,))
+    return_token_ids: bool = False  # vLLM's extension: each choice carries its tokens' ids
 
     def config_for(self, choice: int) -> GenerateConfig:
         """The config of choice ``choice`` (each its own seed, so n > 1 samples differ)."""
@@ -266,7 +267,8 @@ def _sampling(data: dict[str, Any], max_tokens_names: tuple[str, ...], logprobs:
     seeds: tuple[int | None, ...] = (seed,)
     if seed is not None and n and n > 1:
         seeds = tuple((seed + i) % (MAX_SEED + 1) for i in range(n))
-    return Sampling(config, n or 1, stream, include_usage, logprobs, _model(data), seeds)
+    return Sampling(config, n or 1, stream, include_usage, logprobs, _model(data), seeds,
+                    get_bool(data, "return_token_ids"))
 
 
 def parse_completion(data: dict[str, Any], default_max_tokens: int = 16) -> CompletionRequest:
@@ -344,6 +346,39 @@ def _message(value: object, i: int) -> Message:
         raise ProtocolError(f"{where}.{exc}", f"{where}.role") from None
 
 
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """vLLM's ``POST /tokenize``: a prompt, or messages through the chat template."""
+
+    prompt: str | None
+    messages: tuple[Message, ...]
+    model: str | None
+
+
+def parse_tokenize(data: dict[str, Any]) -> TokenizeRequest:
+    """A ``/tokenize`` body: ``{"prompt": str}`` or ``{"messages": [...]}``."""
+    prompt = data.get("prompt")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise _bad_type("prompt", "a string", prompt)
+        return TokenizeRequest(prompt, (), _model(data))
+    if data.get("messages") is None:
+        raise ProtocolError("prompt: required (or messages)", "prompt")
+    return TokenizeRequest(None, parse_chat(data, 1).messages, _model(data))
+
+
+def parse_detokenize(data: dict[str, Any]) -> list[int]:
+    """A ``/detokenize`` body: ``{"tokens": [int, ...]}``."""
+    tokens = data.get("tokens")
+    if not isinstance(tokens, list):
+        raise _bad_type("tokens", "an array of token ids", tokens)
+    for i, t in enumerate(tokens):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2**31:
+            raise ProtocolError(f"tokens[{i}]: expected a token id (an integer >= 0), got {t!r}"[:200],
+                                f"tokens[{i}]")
+    return tokens
+
+
 def finish_reason(ours: str | None) -> str | None:
     """OpenAI's finish reason for ours (None while running)."""
     return None if ours is None else FINISH_REASONS.get(ours, ours)
@@ -358,5 +393,7 @@ __all__ = [
     "finish_reason",
     "parse_chat",
     "parse_completion",
+    "parse_detokenize",
     "parse_json",
+    "parse_tokenize",
 ]

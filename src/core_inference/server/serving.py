@@ -112,6 +112,14 @@ class Served:
     admission: Admission
     chat_max_tokens: int = 256
     created: int = field(default_factory=lambda: int(time.time()))
+    vocab_size: int = 0  # 0: unknown
+
+    def __post_init__(self) -> None:
+        if not self.vocab_size:
+            try:
+                self.vocab_size = self.model.info().vocab_size
+            except Exception:  # a model that cannot describe itself: ids are not checked here
+                self.vocab_size = 0
 
     def model_card(self) -> dict[str, Any]:
         """The model's entry in ``/v1/models``."""
@@ -120,8 +128,12 @@ class Served:
 
     def check_model(self, sampling: Sampling) -> None:
         """A request naming another model is a 404, as OpenAI and vLLM answer."""
-        if sampling.model is not None and sampling.model != self.name:
-            raise ProtocolError(f"model: the model {sampling.model!r} does not exist; this server serves "
+        self.check_model_name(sampling.model)
+
+    def check_model_name(self, name: str | None) -> None:
+        """``model`` must be the served one (or absent)."""
+        if name is not None and name != self.name:
+            raise ProtocolError(f"model: the model {name!r} does not exist; this server serves "
                                 f"{self.name!r}", "model", status=404, code="model_not_found")
 
 
@@ -178,6 +190,7 @@ class Job:
         self.arrived = arrived
         self.kind = kind
         self.logprobs = logprobs  # alternatives per token when logprobs are asked for
+        self.return_ids = False  # vLLM's return_token_ids
         self.bases = list(bases)  # each prompt's text, which the logprobs' prefixes begin with
         self._names: dict[int, str] = {}
         self.choices: list[Choice] = []
@@ -269,6 +282,8 @@ async def start(served: Served, kind: str, payloads: Sequence[Any], sampling: Sa
     param = "messages" if kind == "chat" else "prompt"
     bases: list[str] = []
     weight = len(payloads) * sampling.n
+    if sampling.return_token_ids and not model.capabilities.token_ids:
+        raise ProtocolError("return_token_ids: this model's backend gives no token ids", "return_token_ids")
     if sampling.logprobs is not None:
         if not model.capabilities.logits:
             raise ProtocolError("logprobs: this model's backend gives no logits", "logprobs")
@@ -280,6 +295,7 @@ async def start(served: Served, kind: str, payloads: Sequence[Any], sampling: Sa
             weight *= 2  # a stream scores each token while it holds its own slot
     lease = await served.admission.acquire(weight)
     job = Job(served, lease, arrived, kind, sampling.logprobs, bases)
+    job.return_ids = sampling.return_token_ids
     try:
         for p, payload in enumerate(payloads):
             for j in range(sampling.n):
@@ -336,12 +352,15 @@ async def answer(job: Job, echo_prompts: Sequence[str] = ()) -> dict[str, Any]:
     for c, items in zip(job.choices, scored, strict=True):
         text = "".join(t.text for t in c.got)
         if job.kind == "chat":
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "logprobs": job.logprobs_json(items), "finish_reason": c.finish_reason})
+            choice: dict[str, Any] = {"index": c.index, "message": {"role": "assistant", "content": text},
+                                      "logprobs": job.logprobs_json(items), "finish_reason": c.finish_reason}
         else:
             echo = echo_prompts[c.prompt] if echo_prompts else ""
-            choices.append({"index": c.index, "text": echo + text, "finish_reason": c.finish_reason,
-                            "logprobs": job.logprobs_json(items, len(echo))})
+            choice = {"index": c.index, "text": echo + text, "finish_reason": c.finish_reason,
+                      "logprobs": job.logprobs_json(items, len(echo))}
+        if job.return_ids:
+            choice["token_ids"] = [t.id for t in c.got]
+        choices.append(choice)
     return {
         "id": job.id,
         "object": "chat.completion" if job.kind == "chat" else "text_completion",
@@ -375,7 +394,7 @@ async def events(job: Job, include_usage: bool, echo_prompts: Sequence[str] = ()
     offsets = [len(echo_prompts[c.prompt]) if echo_prompts else 0 for c in job.choices]
 
     def chunk(index: int, text: str | None, reason: str | None, role: bool = False,
-              entry: Scored | None = None) -> bytes:
+              entry: Scored | None = None, token: Token | None = None) -> bytes:
         logprobs = None
         if entry is not None:
             logprobs = job.logprobs_json([entry], offsets[index])
@@ -390,6 +409,8 @@ async def events(job: Job, include_usage: bool, echo_prompts: Sequence[str] = ()
                                     "finish_reason": reason}
         else:
             body = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+        if token is not None and job.return_ids:
+            body["token_ids"] = [token.id]
         return sse({"id": job.id, "object": obj, "created": job.created, "model": job.served.name,
                     "choices": [body], **usage_field})
 
@@ -402,8 +423,8 @@ async def events(job: Job, include_usage: bool, echo_prompts: Sequence[str] = ()
         if len(job.choices) == 1:
             only = job.choices[0]
             async for token, entry in only.scored(job):
-                if token.text or entry is not None:
-                    yield chunk(only.index, token.text, None, entry=entry)
+                if token.text or entry is not None or job.return_ids:
+                    yield chunk(only.index, token.text, None, entry=entry, token=token)
             yield chunk(only.index, None if chat else "", only.finish_reason)
         else:
             async for index, item in _merged(job):
@@ -411,8 +432,8 @@ async def events(job: Job, include_usage: bool, echo_prompts: Sequence[str] = ()
                     yield chunk(index, None if chat else "", job.choices[index].finish_reason)
                 elif isinstance(item, tuple):
                     token, entry = item
-                    if token.text or entry is not None:
-                        yield chunk(index, token.text, None, entry=entry)
+                    if token.text or entry is not None or job.return_ids:
+                        yield chunk(index, token.text, None, entry=entry, token=token)
         job.finished = True
         if include_usage:
             yield sse({"id": job.id, "object": obj, "created": job.created, "model": job.served.name,
