@@ -1,6 +1,7 @@
 """The ``openai`` backend against our own ``core-inference serve`` (a real subprocess on
-127.0.0.1, on the model it serves by default): the whole contract suite, with the capabilities a
-text-only server gives (no token ids, no tokenize route, no logits: those rules skip)."""
+127.0.0.1, on the model it serves by default): the whole contract suite over HTTP, token ids
+(vLLM's ``return_token_ids``), tokenize and classify included; only the rules that need logits
+or a local chat template skip."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ class TestOpenAIAgainstServe(BackendContract):
 def test_what_serve_gives(serve: ServerProcess) -> None:
     with OpenAIBackend().load_model(serve.url) as m:
         caps = m.capabilities
-        assert (caps.token_ids, caps.logits, caps.tokenize, caps.classify) == (False, False, False, "")
+        # serve answers vLLM's return_token_ids and /tokenize; no server sends logits
+        assert (caps.token_ids, caps.logits, caps.tokenize, caps.classify) == (True, False, True, "native")
+        assert m.id_mode == "return_token_ids" and m.flavor == "vllm" and m.context_len > 0
         assert caps.batch_generate == "native" and caps.chat_template
         stream = m.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=16)
         assert stream.text().strip() and stream.finish_reason in ("length", "end_of_text")

@@ -14,7 +14,7 @@ import concurrent.futures
 import contextlib
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -249,25 +249,18 @@ class OpenAIModel(BaseModel):
 
     def _aengine_generate(
         self, prompt: str, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
-    ) -> AsyncIterator[Piece]:
-        return self._agen(prompt, cfg, ctx, rec)
-
-    async def _agen(
-        self, prompt: str, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> AsyncGenerator[Piece, None]:
         body = completion_body(self.model_id, prompt, cfg, self.id_mode, self.flavor, self._extra)
-        async for piece in self._astream("/completions", body, cfg, rec, chat=False):
-            yield piece
+        return self._astream("/completions", body, cfg, rec, chat=False)
 
     def _prepare_chat(self, messages: list[Message]) -> list[dict[str, str]]:
         return [m.to_dict() for m in messages]  # the server applies the model's chat template
 
-    async def _aengine_chat(
+    def _aengine_chat(
         self, prepared: Any, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         body = chat_body(self.model_id, prepared, cfg, self.id_mode, self.flavor, self._extra)
-        async for piece in self._astream("/chat/completions", body, cfg, rec, chat=True):
-            yield piece
+        return self._astream("/chat/completions", body, cfg, rec, chat=True)
 
     def _render_chat(self, messages: list[Message]) -> str:
         raise NotImplementedError(
@@ -276,7 +269,7 @@ class OpenAIModel(BaseModel):
         )
 
     async def _astream(self, path: str, body: dict[str, Any], cfg: GenerateConfig,
-                       rec: MetricsRecorder, chat: bool) -> AsyncIterator[Piece]:
+                       rec: MetricsRecorder, chat: bool) -> AsyncGenerator[Piece, None]:
         """Stream one request's pieces, retrying with backoff only until the first piece."""
         if cfg.stop_tokens and self.id_mode == IDS_NONE:
             raise ValueError(
@@ -289,8 +282,10 @@ class OpenAIModel(BaseModel):
         while True:
             call = _Call()
             try:
-                async for piece in self._read(remote, url, body, cfg, rec, chat, call):
-                    yield piece
+                # aclosing: a consumer that leaves closes the HTTP stream now, not at GC
+                async with contextlib.aclosing(self._read(remote, url, body, cfg, rec, chat, call)) as pieces:
+                    async for piece in pieces:
+                        yield piece
                 return
             except Exception as exc:
                 delay = None if call.emitted else remote.retry_delay(exc, attempt)
@@ -300,7 +295,7 @@ class OpenAIModel(BaseModel):
             attempt += 1
 
     async def _read(self, remote: Remote, url: str, body: dict[str, Any], cfg: GenerateConfig,
-                    rec: MetricsRecorder, chat: bool, call: _Call) -> AsyncIterator[Piece]:
+                    rec: MetricsRecorder, chat: bool, call: _Call) -> AsyncGenerator[Piece, None]:
         events = remote.events(url, body)
         mode = self.id_mode
         try:
@@ -421,7 +416,7 @@ class OpenAIModel(BaseModel):
             async with bound:
                 sub = MetricsRecorder()
                 fin = TokenFinisher(cfg, sub)
-                raw = self._agen(prompt, cfg, ctx, sub)
+                raw = self._aengine_generate(prompt, cfg, ctx, sub)
                 try:
                     tokens = tuple([t async for t in afinish_tokens(raw, cfg, ctx, sub, self._closed, fin)])
                     return BatchResult(tokens, None, fin.finish_reason or "", fin.stop,
