@@ -22,6 +22,20 @@ def default_model_file() -> Path:
     return default_model_path(progress=False)
 
 
+@pytest.fixture(scope="session")
+def converted_default_model(default_model_file: Path) -> Path:
+    """The default model converted to a Hugging Face folder, kept in the cache between runs.
+
+    The first conversion on a machine takes minutes (``core_inference.convert``); later
+    runs find the stamped folder at once. Skips when the ``convert`` extra is missing.
+    """
+    pytest.importorskip("transformers", reason="needs core-inference[convert]")
+    pytest.importorskip("gguf", reason="needs core-inference[convert]")
+    from core_inference.convert import convert_gguf
+
+    return convert_gguf(default_model_file, progress=False)
+
+
 @pytest.fixture
 def empty_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """An empty registry (no built-ins, no plugins) and no env override; restored afterwards."""

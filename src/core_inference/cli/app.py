@@ -137,6 +137,20 @@ def build_cli() -> click.Group:
         """List the GGUF files and Hugging Face folders under DIRECTORY."""
         run_discover(directory)
 
+    @cli.command("convert")
+    @click.argument("gguf_file", type=click.Path(dir_okay=False), callback=_not_empty)
+    @click.argument("out_dir", type=click.Path(file_okay=False), required=False, callback=_not_empty)
+    @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+    def convert_cmd(gguf_file: str, out_dir: str | None, quiet: bool) -> None:
+        """Write a Hugging Face folder from GGUF_FILE (for the metal, torch and vllm backends).
+
+        OUT_DIR defaults to a folder in the cache; a second run for the same file returns at
+        once. Prints the folder's path. Needs the 'convert' extra.
+        """
+        from ..convert import convert_gguf
+
+        print(convert_gguf(gguf_file, out_dir, progress=not quiet))
+
     from ..bench.command import click_command  # the core only: no engine is imported here
 
     cli.add_command(click_command())
