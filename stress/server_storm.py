@@ -238,7 +238,7 @@ async def _flood(base: str, n: int, seen: Counter[int], served: Counter[str], pr
 
 
 async def _storm(base: str, malformed: int, killed: int, slow: int, flood: int, slow_limit_s: float,
-                 concurrency: int, seed: int) -> dict[str, Any]:
+                 concurrency: int, parallel: int, seed: int) -> dict[str, Any]:
     seen: Counter[int] = Counter()  # 4xx and 5xx the clients saw, by status
     served: Counter[str] = Counter()
     problems: list[str] = []
@@ -248,7 +248,7 @@ async def _storm(base: str, malformed: int, killed: int, slow: int, flood: int, 
     began = time.monotonic()
     try:
         async def streams() -> int:  # the killed clients, then the flood (else one starves the other)
-            n = await _killed(base, killed, seen, problems, concurrency)
+            n = await _killed(base, killed, seen, problems, parallel)  # each one is admitted
             await _flood(base, flood, seen, served, problems)
             return n
 
@@ -266,7 +266,7 @@ async def _storm(base: str, malformed: int, killed: int, slow: int, flood: int, 
 
 def run_server_storm(
     base: str, *, malformed: int = 1000, killed: int = 50, slow: int = 2, flood: int = 40,
-    body_timeout: float = 30.0, concurrency: int = 32, seed: int = 0,
+    body_timeout: float = 30.0, concurrency: int = 32, parallel: int = 4, seed: int = 0,
 ) -> dict[str, Any]:
     """Run the storm against the server at ``base`` (``http://host:port``); return what it found.
 
@@ -274,7 +274,8 @@ def run_server_storm(
     request at once afterwards and counted every rejection the clients saw.
     """
     before = parse_metrics(httpx2.get(base + "/metrics").text)
-    out = asyncio.run(_storm(base, malformed, killed, slow, flood, body_timeout + 15, concurrency, seed))
+    out = asyncio.run(_storm(base, malformed, killed, slow, flood, body_timeout + 15, concurrency, parallel,
+                             seed))
     # the killed clients' engines stop at their next token: give the server a moment to see it
     deadline = time.monotonic() + 60
     while True:
@@ -340,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_args += ["--model", args.model]
     with ServerProcess(serve_args) as server:
         report = run_server_storm(server.base, malformed=args.malformed, killed=args.killed, slow=args.slow,
-                                  flood=10 * args.parallel, body_timeout=args.body_timeout)
+                                  flood=10 * args.parallel, body_timeout=args.body_timeout,
+                                  parallel=args.parallel)
         report["exit_status"] = server.stop()
     report["ok"] = report["ok"] and report["exit_status"] == 0
     report["server"] = serve_args
