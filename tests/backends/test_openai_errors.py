@@ -303,6 +303,12 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(400, {"error": {"message": "the prompt is bad", "type": "invalid_request_error"}})
 
+    def scenario_moved(self, body: dict[str, Any], chat: bool, prompt: str) -> None:
+        self.send_response(307)
+        self.send_header("Location", "https://elsewhere.example/v1/completions")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def scenario_hang(self, body: dict[str, Any], chat: bool, prompt: str) -> None:
         """Never answers (until the test ends)."""
         self.server.stop.wait(30)
@@ -597,6 +603,12 @@ def test_html_error_page(model: TextModel) -> None:
     with pytest.raises(RemoteHTTPError, match="502 Bad Gateway") as info:
         list(model.generate("html"))
     assert info.value.status == 502
+
+
+def test_a_redirect_names_the_new_address(model: TextModel) -> None:
+    with pytest.raises(RemoteHTTPError, match=r"redirected to https://elsewhere\.example") as info:
+        list(model.generate("moved"))
+    assert info.value.status == 307
 
 
 def test_retries_before_the_first_token(model: TextModel, hostile: Hostile) -> None:

@@ -62,9 +62,8 @@ class Remote:
             headers=hdrs,
             timeout=httpx2.Timeout(timeout, connect=connect_timeout),
             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64),
-            follow_redirects=False,
-            trust_env=False,  # a proxy from the environment must not see a local server's traffic
-        )
+            follow_redirects=False,  # a redirect of a POST is the server's misconfiguration: say so
+        )  # HTTP(S)_PROXY and NO_PROXY are honoured, as the openai client does
 
     def url(self, path: str, root: bool = False) -> str:
         """An address under ``/v1`` (or under the server's root for ``root``)."""
@@ -84,7 +83,7 @@ class Remote:
         return await self._json(resp, url)
 
     async def _json(self, resp: httpx2.Response, url: str) -> Any:
-        if resp.status_code >= 400:
+        if resp.status_code >= 300:
             raise status_error(resp.status_code, resp.content[:MAX_ERROR_BODY], url, resp.headers)
         try:
             return resp.json()
@@ -101,7 +100,7 @@ class Remote:
         generator closes the connection at once (the server sees the client go).
         """
         async with self.client.stream("POST", url, json=dict(body)) as resp:
-            if resp.status_code >= 400:
+            if resp.status_code >= 300:
                 raise status_error(resp.status_code, await _read_bounded(resp), url, resp.headers)
             ctype = resp.headers.get("content-type", "").partition(";")[0].strip().lower()
             if ctype == "application/json":
@@ -196,7 +195,7 @@ def _stream_error_status(chunk: object) -> int:
 
 def status_error(status: int, body: bytes | object, url: str, headers: Mapping[str, str] | None,
                  mid_stream: bool = False) -> InferenceError:
-    """The error for a 4xx/5xx answer (or an error object sent mid-stream), with the server's message."""
+    """The error for a 3xx/4xx/5xx answer (or an error object sent mid-stream), with the server's message."""
     parsed: object = body
     if isinstance(body, bytes):
         text = body.decode("utf-8", "replace")
@@ -205,6 +204,9 @@ def status_error(status: int, body: bytes | object, url: str, headers: Mapping[s
         except ValueError:
             parsed = text
     message, etype, code, param = error_fields(parsed)
+    location = headers.get("location") if headers is not None else None
+    if status < 400 and location:  # redirects are not followed: a POST would lose its body
+        message = f"redirected to {location}: load the model with that address"
     found = _CONTEXT_RE.search(message)
     if found:
         limit, requested = int(found.group(1)), int(found.group(2))
