@@ -299,7 +299,7 @@ def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess, model_id: s
     gone, tokens = "core_inference_client_disconnects_total", "core_inference_generation_tokens_total"
     assert after[gone] == before[gone] + 1
     generated = after[tokens] - before[tokens]
-    assert 3 <= generated < 200, generated  # stopped long before max_tokens
+    assert 3 <= generated < 100, generated  # stopped long before max_tokens
     # the slot is free: a request after it is served at once
     assert post(server, "/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
@@ -429,3 +429,22 @@ def test_api_key_then_sigterm_with_a_stream_in_flight() -> None:
         assert server.proc.wait(60) == 0
     finally:
         server.kill()
+
+
+# -- the command's own failures --------------------------------------------------------------------
+
+
+def test_serve_fails_cleanly_on_a_port_in_use_and_a_missing_model(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "core_inference", "serve", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "core_inference", "serve", "--port", "0", "--model",
+                        str(tmp_path / "missing.gguf")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "missing.gguf" in r.stderr and "Traceback" not in r.stderr
