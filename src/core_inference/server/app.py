@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import socket
 import sys
 import time
@@ -39,6 +40,7 @@ from .protocol import (
 from .serving import Job, Served, answer, events, start_chat, start_completion
 
 _T = TypeVar("_T")
+LOG = logging.getLogger("uvicorn.error")  # uvicorn's own log, at its --log-level
 MAX_BODY = 4 * 2**20  # bytes; a chat with a long document fits, a 10 MB body does not
 BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive (a body sent a byte a second)
 DRAIN_CAP = 64 * 2**20  # bytes of an oversized body read and dropped so the client sees the 413
@@ -208,6 +210,10 @@ class EventStream:
             if aclose is not None:
                 await aclose()
             await self.job.close()
+        failure = writer.exception() if writer.done() and not writer.cancelled() else None
+        if failure is not None and not isinstance(failure, OSError):  # OSError: the client went away
+            LOG.error("stream %s failed: %s: %s", self.job.id, type(failure).__name__, failure,
+                      exc_info=failure)
 
 
 Handler = Callable[[Request, ServerState], Awaitable[Any]]
