@@ -431,6 +431,37 @@ def test_api_key_then_sigterm_with_a_stream_in_flight() -> None:
         server.kill()
 
 
+def test_any_backend_an_async_engine_behind_serve(server: ServerProcess, model_id: str) -> None:
+    """serve over the openai backend (an async engine) pointed at the module's server."""
+    import core_inference as ci
+
+    if "openai" not in ci.list_backends() or ci.get("openai").why_unavailable():
+        pytest.skip("the openai backend is not available")
+    direct = post(server, "/completions", {"prompt": "The sky is", "max_tokens": 6, "temperature": 0})
+    with ServerProcess(["--model", server.url, "--backend", "openai", "--parallel", "2"]) as front, \
+            openai.OpenAI(base_url=front.url, api_key="unused", max_retries=0) as c:
+        assert [m.id for m in c.models.list()] == [model_id]
+        out = c.completions.create(model=model_id, prompt="The sky is", max_tokens=6, temperature=0)
+        assert out.choices[0].text == direct.json()["choices"][0]["text"]
+        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 6
+        chunks = list(c.chat.completions.create(model=model_id, messages=CHAT, max_tokens=5, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 5
+        with pytest.raises(openai.BadRequestError) as info:  # a remote model gives no logits
+            c.completions.create(model=model_id, prompt="x", max_tokens=2, logprobs=1)
+        assert info.value.body["param"] == "logprobs"
+        # a client leaving the front stops the back's generation too
+        before = metrics(server)
+        body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "temperature": 0, "stream": True}
+        with httpx2.stream("POST", front.url + "/completions", json=body, timeout=60) as r:
+            for n, _line in enumerate(r.iter_lines()):
+                if n == 6:
+                    break
+        after = wait_idle(server)
+        tokens = "core_inference_generation_tokens_total"
+        assert after[tokens] - before[tokens] < 200
+
+
 # -- the command's own failures --------------------------------------------------------------------
 
 

@@ -83,7 +83,11 @@ def run_serve(
         loaded = open_model(model, LoadConfig(**load), chat=True)
         with loaded.model as m:
             metrics = ServerMetrics()
-            served = Served(m, model_name or loaded.name, metrics,
+            name = model_name or loaded.name
+            if model is not None and "://" in model and not model_name:
+                # a remote model (the openai backend): its own id, not the URL's last segment
+                name = str(getattr(m, "model_id", "") or model)
+            served = Served(m, name, metrics,
                             Admission(parallel, 4 * parallel if queue is None else queue, metrics),
                             chat_max_tokens=max_tokens)
             state = ServerState(served, api_key=api_key or None, max_body=max_body, body_timeout=body_timeout)
