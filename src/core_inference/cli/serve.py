@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any
 
 from ..types import LoadConfig
@@ -87,8 +88,14 @@ def run_serve(
             if model is not None and "://" in model and not model_name:
                 # a remote model (the openai backend): its own id, not the URL's last segment
                 name = str(getattr(m, "model_id", "") or model)
+            slots = parallel
+            engine_slots = m.capabilities.parallel_slots
+            if 0 < engine_slots < parallel:  # the rest would wait inside the model, unseen and unbounded
+                print(f"core-inference serve: {loaded.backend} runs {engine_slots} request(s) at once; "
+                      f"--parallel {parallel} lowered to {engine_slots}", file=sys.stderr, flush=True)
+                slots = engine_slots
             served = Served(m, name, metrics,
-                            Admission(parallel, 4 * parallel if queue is None else queue, metrics),
+                            Admission(slots, 4 * parallel if queue is None else queue, metrics),
                             chat_max_tokens=max_tokens)
             state = ServerState(served, api_key=api_key or None, max_body=max_body, body_timeout=body_timeout)
             ok = run(state, sock, log_level, print_ready)
