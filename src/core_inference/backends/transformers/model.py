@@ -10,6 +10,8 @@ finished rows are dropped from the cache). Imported only when a model loads.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import inspect
 import os
@@ -547,12 +549,8 @@ def _trim_host_heap() -> None:
     """Give freed heap pages back to the system (glibc keeps them otherwise); no-op elsewhere."""
     if not sys.platform.startswith("linux"):
         return
-    try:
-        import ctypes
-
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 __all__ = ["TransformersModel", "default_threads"]
