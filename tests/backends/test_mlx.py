@@ -394,3 +394,55 @@ def test_close_frees_mlx_memory() -> None:
     after = mx.get_active_memory()
     assert after < loaded
     assert loaded - after >= 0.9 * (loaded - before)  # the weights (and any cache) are gone
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_calls_from_many_threads_start_no_mlx_threads(model: MlxModel) -> None:
+    import asyncio
+
+    list(model.generate(PROMPT, max_tokens=2))
+    before = _os_threads()
+
+    def work() -> None:
+        list(model.generate(PROMPT, max_tokens=3, temperature=0.7, seed=1, repeat_penalty=1.2))
+        model.classify([PROMPT, "Hello"])
+        model.batch_generate([PROMPT, "Hello"], max_tokens=3)
+
+    for _ in range(2):
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    async def streams() -> None:
+        for _ in range(8):  # each async stream of a sync engine runs on a thread of its own
+            async for _tok in model.agenerate(PROMPT, max_tokens=2):
+                pass
+
+    asyncio.run(streams())
+    # MLX work all runs on the one engine thread: no stream or worker thread per caller
+    assert _os_threads() <= before + 2
+
+
+def test_process_with_an_unclosed_model_exits_cleanly() -> None:
+    import subprocess
+
+    code = (
+        "import threading\n"
+        "from core_inference.backends.mlx import MlxBackend\n"
+        f"m = MlxBackend().load_model({str(tiny('llama'))!r}, engine_options={{'device': 'cpu'}})\n"
+        "t = threading.Thread(target=lambda: list(m.generate('Hello', max_tokens=3)))\n"
+        "t.start(); t.join()\n"
+        "m.classify(['Hello', 'a b c'])\n"
+        "print('done')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "done" in result.stdout and "terminate called" not in result.stderr

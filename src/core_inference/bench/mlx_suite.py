@@ -55,6 +55,11 @@ def _folder(cfg: BenchConfig) -> str | None:
     raise BenchError(f"the mlx suite needs a Hugging Face safetensors folder, got {cfg.model!r}")
 
 
+def _on_engine(model: Any, work: Callable[[], int]) -> Callable[[], int]:
+    """``work`` run on the model's MLX engine thread (all MLX work of the process runs there)."""
+    return lambda: int(model._on_engine(work))
+
+
 # -- rows ------------------------------------------------------------------------------------
 
 OURS_DECODE = "ours: generate"
@@ -88,6 +93,9 @@ def _decode_row(model: Any, cfg: BenchConfig) -> Row:
         steps = gen.generate_step(mx.array(tokens), engine, stream, max_tokens=n,
                                   prefill_step_size=model.prefill_step_size)
         return sum(1 for _ in steps)
+
+    # the engine's sides run on the model's engine thread and stream, where its arrays live
+    stream_generate, steps = _on_engine(model, stream_generate), _on_engine(model, steps)
 
     step_name = "mlx_lm.generate_step loop (ids only, no EOS check, no text)"
     return Row(
@@ -136,6 +144,7 @@ def _batch_row(model: Any, cfg: BenchConfig) -> Row:
         seen["mlx_lm_batch_generate_tokens"] = counts
         return sum(counts)
 
+    engine_batch = _on_engine(model, engine_batch)
     ours_name, engine_name = "ours: batch_generate", "mlx_lm.batch_generate"
     return Row(
         key="batch_generate",
@@ -171,23 +180,26 @@ def _classify_row(model: Any, cfg: BenchConfig) -> Row:
         return sum(len(model.classify([s])) for s in sentences)
 
     def engine_batched() -> int:
-        """mlx-lm's model called directly: left-padded batches, a batch cache per layer, argmax."""
+        """mlx-lm's model called directly: left-padded batches, a batch cache per layer, argmax.
+
+        Runs on the engine thread, on the model's stream (``_on_engine``).
+        """
         engine = model._model
         done = 0
-        with mx.stream(model._stream):
-            for start in range(0, len(encoded), CLASSIFY_SEQS):
-                group = encoded[start : start + CLASSIFY_SEQS]
-                width = max(map(len, group))
-                padding = [width - len(p) for p in group]
-                rows = [caches.make_prompt_cache(engine) for _ in group]
-                cache = [type(layer).merge([r[i] for r in rows]) for i, layer in enumerate(rows[0])]
-                for layer in cache:
-                    layer.prepare(left_padding=padding)
-                x = mx.array([[pad] * k + p for k, p in zip(padding, group, strict=True)])
-                picks = mx.argmax(engine(x, cache=cache)[:, -1, :], axis=-1)
-                done += len(picks.tolist())
+        for start in range(0, len(encoded), CLASSIFY_SEQS):
+            group = encoded[start : start + CLASSIFY_SEQS]
+            width = max(map(len, group))
+            padding = [width - len(p) for p in group]
+            rows = [caches.make_prompt_cache(engine) for _ in group]
+            cache = [type(layer).merge([r[i] for r in rows]) for i, layer in enumerate(rows[0])]
+            for layer in cache:
+                layer.prepare(left_padding=padding)
+            x = mx.array([[pad] * k + p for k, p in zip(padding, group, strict=True)])
+            picks = mx.argmax(engine(x, cache=cache)[:, -1, :], axis=-1)
+            done += len(picks.tolist())
         return done
 
+    engine_batched = _on_engine(model, engine_batched)
     engine_name = "mlx-lm model, left-padded batches, argmax"
     return Row(
         key="classify",
@@ -220,7 +232,7 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
     try:
         facts = {"model": os.path.basename(os.path.normpath(folder)), "device": device,
                  "prefill_step_size": model.prefill_step_size,
-                 "threads": "MLX has no thread setting: one worker thread per stream on its CPU device"}
+                 "threads": "MLX has no thread setting: every side runs on the one MLX engine thread"}
         makers: list[Callable[[], Row]] = [
             lambda: _decode_row(model, cfg),
             lambda: _batch_row(model, cfg),

@@ -11,13 +11,19 @@ attention mask and the positions), and ``batch_generate`` runs mlx-lm's
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import replace
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from ...context import Context
 from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelClosed, ModelLoadError
@@ -45,6 +51,8 @@ BATCH_SEQS = 64  # prompts decoded together by batch_generate
 PREFILL_SEQS = 16  # prompts BatchGenerator prefills together
 PENALTY_WINDOW = 64  # tokens the repeat penalty looks back over (llama.cpp's default too)
 
+_T = TypeVar("_T")
+
 
 class MlxModel(BaseModel):
     """A Hugging Face folder loaded by mlx-lm on the GPU or MLX's CPU device."""
@@ -70,18 +78,23 @@ class MlxModel(BaseModel):
         self._samples: Any = importlib.import_module("mlx_lm.sample_utils")
         self._caches: Any = importlib.import_module("mlx_lm.models.cache")
         self._device = mx.cpu if device == "cpu" else mx.gpu
-        # One stream per thread on our device: mlx-lm's own generation stream was made from
-        # whatever the default device was when mlx_lm.generate was first imported.
-        self._stream: Any = mx.new_thread_local_stream(self._device)
-        self._engine_lock = threading.Lock()  # one MLX forward pass at a time on this model
+        # MLX streams belong to the thread that made them ("There is no Stream(cpu, 0) in
+        # current thread" elsewhere); each thread that touches MLX gets a stream and a worker
+        # thread of its own that outlive it (one more for every agenerate(), which runs a
+        # sync engine on a thread per stream); and a process where such a thread has ended
+        # often aborts at exit ("terminate called without an active exception"). So all MLX
+        # work of every model runs on one engine thread that lives as long as the process.
+        self._engine = engine_thread()
+        self._stream: Any = None
         self._model: Any = None
         self._tokenizer: Any = None
         try:
-            self._model, self._tokenizer = self._load()
+            self._model, self._tokenizer = self._on_engine(self._load)
         except BaseException:
             self._closed.set()
             self._free()
             raise
+        _open_models.add(self)
         tokenizer: Any = self._tokenizer
         n = len(tokenizer)
         self.context_len = cfg.context_len or folder.context_length or DEFAULT_CONTEXT
@@ -96,9 +109,10 @@ class MlxModel(BaseModel):
     def _load(self) -> tuple[Any, Any]:
         """mlx-lm's model and tokenizer for the folder (``ModelLoadError`` where it cannot)."""
         utils: Any = importlib.import_module("mlx_lm.utils")
+        self._stream = self._engine.stream(self._device)
         try:
             overrides = mlx_config_overrides(self.folder)
-            with self._mx.stream(self._device):
+            with self._mx.stream(self._stream):
                 # a local folder: mlx-lm never asks a hub for it
                 model, tokenizer = utils.load(self.path, model_config=overrides or None)
                 return model, tokenizer
@@ -212,26 +226,31 @@ class MlxModel(BaseModel):
         room = self.context_len - len(tokens)
         limit = min(cfg.max_tokens, room)
         stop = stop | self._eos
-        pieces, lock = self._pieces, self._engine_lock
+        pieces, on_engine = self._pieces, self._on_engine
 
         def progress(done: int, total: int) -> None:
             # raising here aborts mlx-lm's prefill between two chunks
             self._raise_if_ended(ctx, "during prefill")
             rec.prompt_tokens = done
 
-        steps = self._gen.generate_step(
+        steps = self._on_engine(lambda: self._gen.generate_step(
             mx.array(tokens), self._model, self._stream, max_tokens=limit,
             sampler=self._sampler(cfg), logits_processors=self._processors(cfg),
             prefill_step_size=self.prefill_step_size, prompt_progress_callback=progress,
-        )
+        ))
+
+        def pull() -> int | None:
+            # only the id leaves the engine thread: an MLX array freed on another thread
+            # ties that thread to MLX (and a process where it ended may abort at exit)
+            item = next(steps, None)
+            return None if item is None else int(item[0])
+
         n = 0
         try:
             while True:
-                with lock:
-                    item = next(steps, None)
-                if item is None:
+                tid = on_engine(pull)
+                if tid is None:
                     return
-                tid = item[0]
                 if n == 0:
                     rec.prefill_done(len(tokens))
                 if tid in stop:
@@ -243,9 +262,17 @@ class MlxModel(BaseModel):
                         rec.finish_reason = "context_full"
                     return
         finally:
-            with lock:
-                steps.close()
+            on_engine(steps.close)
             self._read_memory(rec)
+
+    def _on_engine(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` on the engine thread, on this model's stream, and wait for its result."""
+
+        def run() -> _T:
+            with self._mx.stream(self._stream) if self._stream is not None else nullcontext():
+                return work()
+
+        return self._engine.call(run)
 
     def _raise_if_ended(self, ctx: Context, when: str) -> None:
         ctx.raise_if_done()
@@ -284,8 +311,7 @@ class MlxModel(BaseModel):
             self._raise_if_ended(ctx, "during classify")
             group = keys[start : start + CLASSIFY_SEQS]
             began = time.perf_counter()
-            with self._engine_lock:
-                out = self._classify_group([encoded[k] for k in group], cfg)
+            out = self._on_engine(partial(self._classify_group, [encoded[k] for k in group], cfg))
             rec.prefill_duration += time.perf_counter() - began
             done.update(zip(group, out, strict=True))
             rec.first_token = rec.first_token or time.perf_counter()
@@ -308,26 +334,28 @@ class MlxModel(BaseModel):
     def _classify_group(
         self, group: list[list[int]], cfg: GenerateConfig
     ) -> list[tuple[Token, list[float] | None]]:
-        """One forward pass over the group, left-padded; the token at each row's last position."""
+        """One forward pass over the group, left-padded; the token at each row's last position.
+
+        Runs on the engine thread (``_on_engine``).
+        """
         mx = self._mx
         width = max(map(len, group))
         padding = [width - len(p) for p in group]
-        with mx.stream(self._stream):
-            cache = self._batch_cache(padding)
-            inputs = mx.array([[self._pad] * pad + p for pad, p in zip(padding, group, strict=True)])
-            logits = self._model(inputs, cache=cache)[:, -1, :]
-            processors = self._processors(cfg)
-            rows = []
-            for r, prompt in enumerate(group):
-                row = logits[r : r + 1]
-                if processors:
-                    context = mx.array(prompt)
-                    for proc in processors:
-                        row = proc(context, row)
-                logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
-                rows.append(self._sampler(cfg)(logprobs))
-            picks = mx.concatenate(rows)
-            mx.eval(picks, logits)
+        cache = self._batch_cache(padding)
+        inputs = mx.array([[self._pad] * pad + p for pad, p in zip(padding, group, strict=True)])
+        logits = self._model(inputs, cache=cache)[:, -1, :]
+        processors = self._processors(cfg)
+        rows = []
+        for r, prompt in enumerate(group):
+            row = logits[r : r + 1]
+            if processors:
+                context = mx.array(prompt)
+                for proc in processors:
+                    row = proc(context, row)
+            logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
+            rows.append(self._sampler(cfg)(logprobs))
+        picks = mx.concatenate(rows)
+        mx.eval(picks, logits)
         ids = picks.tolist()
         raw = logits.astype(mx.float32).tolist() if cfg.return_logits else None
         out: list[tuple[Token, list[float] | None]] = []
@@ -394,28 +422,36 @@ class MlxModel(BaseModel):
         limits = {k: min(cfg.max_tokens, self.context_len - len(encoded[k])) for k in keys}
         processors = self._processors(cfg)
         clock = time.perf_counter
-        with self._engine_lock:
-            gen = self._gen.BatchGenerator(
-                self._model, max_tokens=cfg.max_tokens, stream=self._stream,
-                completion_batch_size=BATCH_SEQS, prefill_batch_size=min(PREFILL_SEQS, len(keys)),
-                prefill_step_size=self.prefill_step_size,
-            )
+        # The generator (and every MLX array in its responses) stays on the engine thread:
+        # only ids and finish reasons come back here (see _decode_stream's pull).
+        held: list[Any] = [self._on_engine(lambda: self._gen.BatchGenerator(
+            self._model, max_tokens=cfg.max_tokens, stream=self._stream,
+            completion_batch_size=BATCH_SEQS, prefill_batch_size=min(PREFILL_SEQS, len(keys)),
+            prefill_step_size=self.prefill_step_size,
+        ))]
+
+        def step() -> list[tuple[int, int, str | None]]:
+            return [(r.uid, int(r.token), r.finish_reason) for r in held[0].next_generated()]
+
+        def finish() -> None:
+            held[0].close()
+            held.clear()
+
         try:
-            uids = gen.insert(
+            uids = self._on_engine(lambda: held[0].insert(
                 [encoded[k] for k in keys], max_tokens=[limits[k] for k in keys],
                 samplers=[self._sampler(cfg) for _ in keys],
                 logits_processors=[list(processors) for _ in keys],
-            )
+            ))
             owner = dict(zip(uids, keys, strict=True))
             live = set(uids)
             pieces, eos = self._pieces, self._eos
             first = True
             while live:
                 self._raise_if_ended(ctx, "during batch_generate")
-                with self._engine_lock:
-                    began = clock()
-                    responses = gen.next_generated()
-                    spent = clock() - began
+                began = clock()
+                responses = self._on_engine(step)
+                spent = clock() - began
                 if first:
                     rec.prefill_duration = (rec.prefill_duration or 0.0) + spent
                     rec.prefill_done(rec.prompt_tokens + sum(len(encoded[k]) for k in keys))
@@ -423,31 +459,28 @@ class MlxModel(BaseModel):
                 else:
                     rec.decode_duration = (rec.decode_duration or 0.0) + spent
                 drop = []
-                for r in responses:
-                    if r.uid not in live:
+                for uid, tid, engine_finish in responses:
+                    if uid not in live:
                         continue
-                    key = owner[r.uid]
+                    key = owner[uid]
                     fin = finishers[key]
-                    tid = int(r.token)
                     if tid in eos:
                         tokens[key] += fin.end()
                     else:
                         tokens[key] += fin.push(tid, pieces(tid))
-                        if fin.finish_reason is None and r.finish_reason is not None:
+                        if fin.finish_reason is None and engine_finish is not None:
                             # the engine stopped it: at our limit, which is the context's room
                             tokens[key] += fin.end("context_full")
                     if fin.finish_reason is not None:
-                        live.discard(r.uid)
-                        if r.finish_reason is None:
-                            drop.append(r.uid)
+                        live.discard(uid)
+                        if engine_finish is None:
+                            drop.append(uid)
                 if drop:
-                    with self._engine_lock:
-                        gen.remove(drop)
+                    self._on_engine(partial(lambda ids: held[0].remove(ids), drop))
                 if not responses and live:
                     raise EngineError("mlx-lm's BatchGenerator stopped with prompts still running")
         finally:
-            with self._engine_lock:
-                gen.close()
+            self._on_engine(finish)
 
     # -- errors --------------------------------------------------------------------------------
 
@@ -493,12 +526,80 @@ class MlxModel(BaseModel):
         return int(self._mx.get_active_memory())
 
     def _close_engine(self) -> None:
-        with self._engine_lock:
-            self._model = None
-            self._tokenizer = None
-        gc.collect()  # the weights go when the last array referring to them does
-        self._mx.synchronize()
-        self._mx.clear_cache()
+        if getattr(self, "_engine", None) is None:  # __init__ failed before there was one
+            return
+
+        def free() -> None:
+            self._model = self._tokenizer = None
+            gc.collect()  # the weights go when the last array referring to them does
+            if self._stream is not None:
+                self._mx.synchronize(self._stream)
+            self._mx.clear_cache()
+
+        self._on_engine(free)
 
 
-__all__ = ["MlxModel"]
+class EngineThread:
+    """The one thread that runs MLX for every model of the process; it never ends (see MlxModel)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._streams: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._loop, name="core-inference mlx", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            done, work = self._jobs.get()
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(work())
+            except BaseException as exc:  # handed to the caller waiting for it
+                done.set_exception(exc)
+            del done, work  # nothing of a finished job stays referenced while the thread waits
+
+    def call(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` on the engine thread and return its result (raise its exception)."""
+        if threading.current_thread() is self._thread:  # from the engine thread itself (a finaliser)
+            return work()
+        done: Future[_T] = Future()
+        self._jobs.put((done, work))
+        return done.result()
+
+    def stream(self, device: Any) -> Any:
+        """The engine thread's stream on ``device`` (call it on the engine thread)."""
+        import mlx.core as mx
+
+        key = str(device)
+        if key not in self._streams:
+            self._streams[key] = mx.new_stream(device)
+        return self._streams[key]
+
+
+_engine_lock = threading.Lock()
+_engine: EngineThread | None = None
+_open_models: weakref.WeakSet[MlxModel] = weakref.WeakSet()
+
+
+def engine_thread() -> EngineThread:
+    """The process's MLX engine thread, started on first use."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = EngineThread()
+            atexit.register(_close_open_models)
+        return _engine
+
+
+def _close_open_models() -> None:
+    """At exit, free the models nobody closed while the engine thread still runs.
+
+    MLX arrays left for the interpreter's final teardown abort the process
+    ("terminate called without an active exception"), exit status 134.
+    """
+    for model in list(_open_models):
+        model.close()
+
+
+__all__ = ["EngineThread", "MlxModel", "engine_thread"]
