@@ -33,6 +33,7 @@ EXPECT = {
     "contract.md": ["True"],
     "backends.md": ["one two three"],
     "server.md": ["length 32", "24 generated]"],
+    "openai.md": ["True True"],
 }
 
 # Runs a page's blocks in one namespace; each compiled under "page:line" so a traceback names it.
