@@ -212,6 +212,7 @@ BUILTIN_SUITES: dict[str, str] = {
     "llama_cpp": "core_inference.bench.llama_cpp_suite:SUITE",
     "torch": "core_inference.bench.torch_suite:SUITE",
     "mlx": "core_inference.bench.mlx_suite:SUITE",
+    "server": "core_inference.bench.server_suite:SUITE",
 }
 _suites: dict[str, Suite | str] = dict(BUILTIN_SUITES)
 
