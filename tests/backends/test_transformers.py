@@ -493,3 +493,23 @@ def test_chat_prompt_is_the_folders_template_as_transformers_renders_it(model: T
     stream = model.chat(msgs, max_tokens=4)
     list(stream)
     assert stream.prompt_tokens == len(model._tok(want)["input_ids"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_batch_generate_prefills_in_chunks_and_stops_between_them(arch: str) -> None:
+    with load(arch, engine_options={"prefill_chunk": 8}) as m:
+        want = [ids(m.generate(p, max_tokens=6)) for p in PROMPTS]
+        assert [ids(r.tokens) for r in m.batch_generate(PROMPTS, max_tokens=6)] == want
+        ctx = ci.Context.background().with_cancel()
+        widths: list[int] = []
+        real = m._forward
+
+        def spy(x: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
+            widths.append(x.shape[1])
+            ctx.cancel()
+            return real(x, *a, **kw)
+
+        m._forward = spy  # type: ignore[method-assign,assignment]
+        with pytest.raises(ci.Cancelled):
+            m.batch_generate(PROMPTS, max_tokens=6, ctx=ctx)
+        assert widths == [8]  # the first chunk of columns ran, then the call ended

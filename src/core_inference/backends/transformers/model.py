@@ -47,7 +47,8 @@ DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass; the context is checked between them
 CLASSIFY_ROWS = 64  # prompts in one classify forward pass ...
 CLASSIFY_TOKENS = 16384  # ... and at most this many tokens, padding included
-BATCH_ROWS = 64  # prompts decoded together by batch_generate
+BATCH_ROWS = 64  # prompts decoded together by batch_generate ...
+BATCH_TOKENS = 16384  # ... and at most this many prompt tokens, padding included
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -390,7 +391,7 @@ class TransformersModel(BaseModel):
         tokens: dict[int, list[Token]] = {k: [] for k in encoded}
         rec.prefill_duration = rec.decode_duration = 0.0
         if encoded and cfg.max_tokens:
-            for group in _groups(encoded, BATCH_ROWS, 1 << 62):
+            for group in _groups(encoded, BATCH_ROWS, BATCH_TOKENS):
                 self._decode_together(group, encoded, finishers, tokens, cfg, ctx, rec)
         rec.prompt_tokens = sum(map(len, encoded.values()))
         rec.generated_tokens = sum(f.count for f in finishers.values())
@@ -432,13 +433,17 @@ class TransformersModel(BaseModel):
         dev = self.device
         cache = self._new_cache()
         try:
-            self._raise_if_ended(ctx, "during batch_generate")
-            with self._engine_lock, torch.inference_mode():
-                t = clock()
-                ids, mask, positions = self._padded(rows)
-                logits = self._forward(ids, cache, mask, positions)
-                picks = self._pick(samplers, logits, range(len(rows)))
-                rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - t
+            ids, mask, positions = self._padded(rows)
+            width, chunk = ids.shape[1], self.prefill_chunk
+            for start in range(0, width, chunk):  # the padded prompts, a chunk of columns at a time
+                self._raise_if_ended(ctx, "during batch_generate")
+                end = min(start + chunk, width)
+                with self._engine_lock, torch.inference_mode():
+                    t = clock()
+                    logits = self._forward(ids[:, start:end], cache, mask[:, :end], positions[:, start:end])
+                    if end == width:
+                        picks = self._pick(samplers, logits, range(len(rows)))
+                    rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - t
             rec.prefill_done(rec.prompt_tokens + sum(map(len, rows)))
             live = list(range(len(rows)))  # batch row -> index in the group
             next_pos = [len(r) for r in rows]
