@@ -446,3 +446,21 @@ def test_process_with_an_unclosed_model_exits_cleanly() -> None:
                             env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done" in result.stdout and "terminate called" not in result.stderr
+
+
+def test_a_folder_without_a_template_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny("llama"), folder)
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    m = MlxBackend().load_model(folder, **CPU)
+    try:
+        # llama's built-in template needs <|begin_of_text|> and friends, which this vocabulary lacks
+        assert not m.capabilities.chat_template
+        with pytest.raises(ModelLoadError, match="no chat template"):
+            list(m.chat([ci.Message("user", "hi")]))
+        assert list(m.generate(PROMPT, max_tokens=2))
+    finally:
+        m.close()

@@ -74,9 +74,9 @@ class MlxModel(BaseModel):
         self.device_name = device
         self.prefill_step_size = step
         self._mx = mx
-        self._gen: Any = importlib.import_module("mlx_lm.generate")
-        self._samples: Any = importlib.import_module("mlx_lm.sample_utils")
-        self._caches: Any = importlib.import_module("mlx_lm.models.cache")
+        self._gen: Any = None  # mlx-lm's modules, imported on the engine thread (_load)
+        self._samples: Any = None
+        self._caches: Any = None
         self._device = mx.cpu if device == "cpu" else mx.gpu
         # MLX streams belong to the thread that made them ("There is no Stream(cpu, 0) in
         # current thread" elsewhere); each thread that touches MLX gets a stream and a worker
@@ -103,11 +103,19 @@ class MlxModel(BaseModel):
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._bos_text = folder.bos_token or tokenizer.bos_token or ""
         self._vocab_size = int(getattr(getattr(self._model, "args", None), "vocab_size", 0) or n)
-        self._template = None if folder.chat_template else builtin_template(self.model_type, self._has_token)
-        self._chat_stops = self._end_of_turn_ids()
+        vocab: dict[str, int] = tokenizer.get_vocab()
+        self._template = (
+            None if folder.chat_template else builtin_template(self.model_type, vocab.__contains__)
+        )
+        self._chat_stops = self._end_of_turn_ids(vocab)
 
     def _load(self) -> tuple[Any, Any]:
         """mlx-lm's model and tokenizer for the folder (``ModelLoadError`` where it cannot)."""
+        # mlx_lm.generate makes its generation stream when first imported: here, not on a
+        # caller's thread
+        self._gen = importlib.import_module("mlx_lm.generate")
+        self._samples = importlib.import_module("mlx_lm.sample_utils")
+        self._caches = importlib.import_module("mlx_lm.models.cache")
         utils: Any = importlib.import_module("mlx_lm.utils")
         self._stream = self._engine.stream(self._device)
         try:
@@ -131,10 +139,6 @@ class MlxModel(BaseModel):
 
     # -- prompts and templates -----------------------------------------------------------
 
-    def _has_token(self, text: str) -> bool:
-        vocab = self._tokenizer.get_vocab()
-        return text in vocab
-
     def _render_chat(self, messages: list[Message]) -> str:
         source = self.folder.chat_template
         if source:
@@ -143,7 +147,7 @@ class MlxModel(BaseModel):
             raise no_template_error(self.path, self.model_type)
         return str(self._template.render(messages))
 
-    def _end_of_turn_ids(self) -> frozenset[int]:
+    def _end_of_turn_ids(self, vocab: dict[str, int]) -> frozenset[int]:
         """Tokens that end the assistant's turn in a chat, besides the model's EOS ids.
 
         A built-in template names them. A folder's own template usually ends turns with a
@@ -151,7 +155,6 @@ class MlxModel(BaseModel):
         of the known formats that the template writes (``<end_of_turn>``, ``<|im_end|>``,
         ``<|eot_id|>``) stop the reply too.
         """
-        vocab = self._tokenizer.get_vocab()
         if self._template is not None:
             names: set[str] = set(self._template.end_of_turn)
         else:
