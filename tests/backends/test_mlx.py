@@ -23,8 +23,6 @@ import pytest
 pytest.importorskip("mlx_lm", reason="needs core-inference[mlx]")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
-from tests.backends.hf_tiny import make_tiny_model
-
 import core_inference as ci
 from core_inference.backends.mlx import MlxBackend, metal_problem
 from core_inference.backends.mlx.model import MlxModel
@@ -33,6 +31,8 @@ from core_inference.errors import BackendUnavailable, Cancelled, ModelLoadError
 from core_inference.protocols import TextModel
 from core_inference.registry import backend_status, list_backends
 from core_inference.testing import BackendContract
+
+from .hf_tiny import make_tiny_model
 
 PROMPT = "The capital of France is"
 PROMPTS = [PROMPT, "Hello world!", "One two three", "你好\uff0c世界。🙂", "def add(a, b):"]
