@@ -122,7 +122,7 @@ class CudaBackend(_GPUBackend):
     name = "cuda"
     build_field = "cuda"
     build_name = "CUDA"
-    device_files = ("/dev/nvidiactl", "/proc/driver/nvidia/version")
+    device_files = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/dxg")  # dxg: WSL 2
     vendor = "NVIDIA"
 
     def hardware_problem(self) -> str | None:
@@ -138,7 +138,7 @@ class RocmBackend(_GPUBackend):
     name = "rocm"
     build_field = "hip"
     build_name = "ROCm (HIP)"
-    device_files = ("/dev/kfd",)
+    device_files = ("/dev/kfd", "/dev/dxg")  # dxg: WSL 2
     vendor = "AMD"
 
 
