@@ -281,7 +281,7 @@ def test_chat_in_a_terminal_survives_ctrl_c(model_env: dict[str, str]) -> None:
     )
     child.logfile_read = log
     try:
-        child.expect_exact("Chatting with SmolLM2-135M-Instruct.Q4_1.gguf on llama_cpp")  # the instruct default
+        child.expect_exact("Chatting with SmolLM2-135M-Instruct.Q4_1.gguf on llama_cpp")  # the default
         child.expect_exact("/exit")  # the greeting says how to leave
         child.expect_exact(PROMPT)
         child.sendline("Write a long story about a dragon.")

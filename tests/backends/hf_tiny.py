@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 CHATML = (
     "{% for message in messages %}"
@@ -24,7 +25,7 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello world! Bonjour le monde, ça va? Grüße aus Köln.",
-    "你好，世界。今日は良い天気です。",
+    "你好，世界。今日は良い天気です。",  # noqa: RUF001  (CJK punctuation on purpose)
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2026.",
     "Emoji 🙂 🚀 ✨ and symbols: € £ ¥ © ®.",
     "def add(a, b):\n    return a + b\n",
@@ -48,7 +49,7 @@ def make_tiny_model(folder: str | os.PathLike[str], arch: str = "llama", *, seed
         vocab_size=320, special_tokens=list(SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     raw.train_from_iterator(CORPUS, trainer)
-    tok = PreTrainedTokenizerFast(
+    tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
@@ -57,7 +58,7 @@ def make_tiny_model(folder: str | os.PathLike[str], arch: str = "llama", *, seed
 
     vocab = len(tok)
     ids = {name: tok.convert_tokens_to_ids(name) for name in SPECIALS}
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
         pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
@@ -74,14 +75,14 @@ def make_tiny_model(folder: str | os.PathLike[str], arch: str = "llama", *, seed
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     # Random weights put every token near-uniform; a larger scale gives peaked, varied
     # greedy output (not one token repeated), which the stop and batch tests need.
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.2)
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=ids["<s>"], eos_token_id=[ids["</s>"], ids["<|im_end|>"]], pad_token_id=ids["<pad>"]
     )
     model.save_pretrained(out, safe_serialization=True)

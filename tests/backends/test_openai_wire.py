@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core_inference import GenerateConfig
-from core_inference.backends.openai.wire import (
+from core_inference.openai_wire import (
     IDS_FIELD,
     IDS_LOGPROBS,
     IDS_NONE,

@@ -13,20 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..openai_wire import FINISH_REASONS, error_body, finish_reason  # noqa: F401  (re-exported)
 from ..types import GenerateConfig, Message
 
 MAX_N = 16  # choices a request may ask for (also bounded by --parallel)
 MAX_STOP = 16  # stop strings a request may give
 MAX_SEED = 2**64 - 1
 MAX_TOP_LOGPROBS = 20
-FINISH_REASONS = {  # our finish_reason -> OpenAI's
-    "length": "length",
-    "context_full": "length",
-    "stop": "stop",
-    "end_of_text": "stop",
-    "cancelled": "abort",
-    "error": "error",
-}
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for "system"
 
 
@@ -51,14 +44,6 @@ class ProtocolError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON object sent to the client."""
         return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(
-    message: str, type: str = "invalid_request_error", param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    """An OpenAI-style error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def _reject_constant(name: str) -> Any:
@@ -377,11 +362,6 @@ def parse_detokenize(data: dict[str, Any]) -> list[int]:
             raise ProtocolError(f"tokens[{i}]: expected a token id (an integer >= 0), got {t!r}"[:200],
                                 f"tokens[{i}]")
     return tokens
-
-
-def finish_reason(ours: str | None) -> str | None:
-    """OpenAI's finish reason for ours (None while running)."""
-    return None if ours is None else FINISH_REASONS.get(ours, ours)
 
 
 __all__ = [

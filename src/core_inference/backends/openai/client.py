@@ -19,8 +19,8 @@ from typing import Any
 import httpx2
 
 from ...errors import ContextLengthExceeded, EngineError, InferenceError
+from ...openai_wire import WireError, error_fields
 from .errors import RemoteConnectError, RemoteError, RemoteHTTPError, RemoteProtocolError, RemoteTimeout
-from .wire import WireError, error_fields
 
 MAX_ERROR_BODY = 64 * 1024  # bytes of an error answer read for its message
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})

@@ -22,6 +22,16 @@ from urllib.parse import urlsplit
 from ...context import Context
 from ...errors import EngineError, InferenceError, ModelLoadError
 from ...model import BaseModel
+from ...openai_wire import (
+    ID_MODES,
+    IDS_FIELD,
+    IDS_LOGPROBS,
+    IDS_NONE,
+    Delta,
+    chat_body,
+    completion_body,
+    parse_chunk,
+)
 from ...streaming import MetricsRecorder, Piece, SlotQueue, TokenFinisher, afinish_tokens
 from ...types import (
     BatchResult,
@@ -35,16 +45,6 @@ from ...types import (
 )
 from .client import Remote, map_remote_error
 from .errors import RemoteError, RemoteHTTPError
-from .wire import (
-    ID_MODES,
-    IDS_FIELD,
-    IDS_LOGPROBS,
-    IDS_NONE,
-    Delta,
-    chat_body,
-    completion_body,
-    parse_chunk,
-)
 
 DEFAULT_SLOTS = 8  # concurrent requests per model: remote servers batch them
 NO_ID = -1  # the id of a token from a server that gives text only (capabilities.token_ids is False)

@@ -1,8 +1,10 @@
-"""The OpenAI wire format as this backend speaks it: request bodies and stream chunks.
+"""The OpenAI wire format, both ways: what the ``openai`` backend sends and reads, and the
+shapes ``core-inference serve`` answers with (finish reasons, error objects).
 
-Pure functions over JSON-shaped dicts (standard library only), so they are tested without
-a server. What a server does not take from the OpenAI API itself goes as the extra body
-fields that vLLM, SGLang, llama.cpp's server and llama-cpp-python read (``top_k``,
+One module for the two sides, so they cannot drift apart (ARCHITECTURE.md). Pure functions
+over JSON-shaped dicts (standard library only), so they are tested without a server. What
+a server does not take from the OpenAI API itself goes as the extra body fields that vLLM,
+SGLang, llama.cpp's server and llama-cpp-python read (``top_k``,
 ``repetition_penalty``/``repeat_penalty``, ``return_token_ids``...); a server that rejects
 unknown fields answers 400, which the backend raises with the server's message.
 """
@@ -13,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...types import GenerateConfig
+from .types import GenerateConfig
 
 # How the server gives token ids: vLLM's ``return_token_ids`` (ids beside the text in each
 # chunk), vLLM's ``return_tokens_as_token_ids`` (logprobs whose tokens read "token_id:N"),
@@ -190,7 +192,34 @@ def error_fields(body: object) -> tuple[str, str, str, str]:
     return "", "", "", ""
 
 
+# -- the server's side: our finish reasons in OpenAI's words, and its error object ----------
+
+FINISH_REASONS = {  # our finish_reason -> OpenAI's
+    "length": "length",
+    "context_full": "length",
+    "stop": "stop",
+    "end_of_text": "stop",
+    "cancelled": "abort",
+    "error": "error",
+}
+
+
+def finish_reason(ours: str | None) -> str | None:
+    """OpenAI's finish reason for ours (None while running)."""
+    return None if ours is None else FINISH_REASONS.get(ours, ours)
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """An OpenAI-style error object: ``{"error": {"message", "type", "param", "code"}}``
+    (what ``error_fields`` reads back)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 __all__ = [
-    "Delta", "ID_MODES", "IDS_FIELD", "IDS_LOGPROBS", "IDS_NONE", "WireError", "chat_body",
-    "completion_body", "error_fields", "id_fields", "parse_chunk", "sampling_fields",
+    "FINISH_REASONS", "Delta", "ID_MODES", "IDS_FIELD", "IDS_LOGPROBS", "IDS_NONE", "WireError",
+    "chat_body", "completion_body", "error_body", "error_fields", "finish_reason", "id_fields",
+    "parse_chunk", "sampling_fields",
 ]
