@@ -254,6 +254,8 @@ def test_discover_lists_good_and_corrupt_models(tmp_path: Path, default_model_fi
     assert set(rows) == {"gemma.gguf", "broken/corrupt.gguf"}
     assert "gemma3" in rows["gemma.gguf"] and "Q4_K_M" in rows["gemma.gguf"]
     assert rows["gemma.gguf"].rstrip().endswith("ok")
+    assert result.stdout.splitlines()[0].split()[5] == "BACKENDS"
+    assert rows["gemma.gguf"].split()[6] == "llama_cpp"  # which available backends can load it
     assert "error:" in rows["broken/corrupt.gguf"]
 
 

@@ -196,14 +196,28 @@ def run_discover(directory: str) -> None:
     for found in discover(directory):
         shown = os.path.relpath(found.path, directory)
         if found.error:
-            rows.append((shown, found.format, "", "", human_bytes(found.size_bytes), _error_of(found)))
+            rows.append((shown, found.format, "", "", human_bytes(found.size_bytes), "", _error_of(found)))
         else:
             kind = found.model_type or "?"
-            rows.append((shown, found.format, kind, found.quantisation, human_bytes(found.size_bytes), "ok"))
+            rows.append((shown, found.format, kind, found.quantisation, human_bytes(found.size_bytes),
+                         ",".join(_loaders(found.path)) or "none here", "ok"))
     if not rows:
         print(f"no models found under {directory}", file=sys.stderr)
         return
-    print_table(("PATH", "FORMAT", "TYPE", "QUANT", "SIZE", "STATUS"), rows)
+    print_table(("PATH", "FORMAT", "TYPE", "QUANT", "SIZE", "BACKENDS", "STATUS"), rows)
+
+
+def _loaders(path: str) -> list[str]:
+    """The available backends, in preference order, that can load ``path``."""
+    names = []
+    for name in registry.list_backends():
+        try:
+            backend = registry.get(name)
+            if backend.available() and backend.can_load(path):
+                names.append(name)
+        except Exception:  # a broken plugin is reported by `backends`, not here
+            continue
+    return names
 
 
 def _error_of(found: Any) -> str:
