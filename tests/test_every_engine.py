@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from core_inference import TextModel, get, load_model
+from core_inference import TextModel, load_model
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
 
@@ -43,9 +43,7 @@ def runs(converted_default_model: Path, default_model_file: Path) -> Iterator[di
         "llama_cpp": (default_model_file, {}),
     }
     for name, (path, extra) in loads.items():
-        # metal through its backend: the registry's load refuses it where no Metal GPU is seen
-        load = get(name).load_model if name == "metal" else load_model
-        with load(path, backend=name, threads=1, context_len=512, **extra) as model:
+        with load_model(path, backend=name, threads=1, context_len=512, **extra) as model:
             out[name] = [greedy(model, p, 32) for p in PROMPTS]
     yield out
 

@@ -33,6 +33,18 @@ class BaseBackend:
 
     def why_unavailable(self) -> str | None:
         """None when usable here, else a sentence saying what is missing (no engine import)."""
+        return self.missing_engine() or self.hardware_problem()
+
+    def why_unavailable_for(self, cfg: LoadConfig) -> str | None:
+        """``why_unavailable`` for a load with ``cfg``, asked when a backend is named explicitly.
+
+        A backend whose engine options change what it needs overrides this: ``metal`` with
+        ``engine_options={"device": "cpu"}`` needs MLX but no Metal GPU.
+        """
+        return self.why_unavailable()
+
+    def missing_engine(self) -> str | None:
+        """None when every engine module is installed, else which one is not (no import)."""
         for module in self.engine_modules:
             try:
                 spec = importlib.util.find_spec(module)
@@ -43,7 +55,7 @@ class BaseBackend:
                     f"the Python module {module!r} is not installed "
                     f"(pip install 'core-inference[{self.extra}]')"
                 )
-        return self.hardware_problem()
+        return None
 
     def hardware_problem(self) -> str | None:
         """None when the hardware is there; backends for GPUs override this."""

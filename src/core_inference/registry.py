@@ -311,19 +311,27 @@ def default_backend(path: str | os.PathLike[str] | None = None) -> Backend:
     raise NoBackendAvailable(f"no backend available{what}:\n{detail}", reasons)
 
 
-def choose_backend(path: str | os.PathLike[str], name: str = "") -> Backend:
-    """The backend ``load_model`` would use: ``name``, else $CORE_INFERENCE_BACKEND, else the default."""
+def choose_backend(path: str | os.PathLike[str], name: str = "", cfg: LoadConfig | None = None) -> Backend:
+    """The backend ``load_model`` would use: ``name``, else $CORE_INFERENCE_BACKEND, else the default.
+
+    A backend named explicitly is judged for the load at hand (``why_unavailable_for(cfg)``
+    where it has one): ``metal`` asked for MLX's CPU device needs no Metal GPU.
+    """
     name = name or env_backend()
     if not name:
         return default_backend(path)
     backend = get(name)
+    check_for = getattr(backend, "why_unavailable_for", None) if cfg is not None else None
     try:
-        reason = backend.why_unavailable()
+        reason = check_for(cfg) if check_for is not None else backend.why_unavailable()
     except Exception as exc:
         reason = _failed_check(name, "why_unavailable", exc)
         raise BackendUnavailable(name, reason, _extra(name, backend)) from exc
     if reason is not None:
-        raise BackendUnavailable(name, reason, _extra(name, backend))
+        # the install hint only where the engine is missing: more pip will not add a GPU
+        missing = getattr(backend, "missing_engine", None)
+        hardware = missing is not None and missing() is None
+        raise BackendUnavailable(name, reason, None if hardware else _extra(name, backend))
     return backend
 
 
@@ -345,5 +353,5 @@ def load_model(
     from .formats.validate import check_model_path  # missing, corrupt or truncated files: ModelLoadError
 
     check_model_path(path)  # URLs pass unchecked
-    backend = choose_backend(path, cfg.backend)
+    backend = choose_backend(path, cfg.backend, cfg)
     return backend.load_model(path, cfg, **engine_kw)

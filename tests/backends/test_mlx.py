@@ -464,3 +464,16 @@ def test_a_folder_without_a_template_says_so(tmp_path: Path) -> None:
         assert list(m.generate(PROMPT, max_tokens=2))
     finally:
         m.close()
+
+
+def test_named_with_the_cpu_device_it_loads_through_the_registry() -> None:
+    """``load_model(..., backend="metal", engine_options={"device": "cpu"})`` needs no Metal GPU."""
+    from core_inference import load_model
+
+    tiny_llama_for_registry = tiny("llama")
+    with load_model(tiny_llama_for_registry, backend="metal", engine_options={"device": "cpu"}) as model:
+        assert model.generate("Hello", max_tokens=2, temperature=0).text() is not None
+    if sys.platform != "darwin":
+        with pytest.raises(BackendUnavailable, match="no Metal GPU") as info:
+            load_model(tiny_llama_for_registry, backend="metal")
+        assert "pip install" not in str(info.value)  # more pip will not add a GPU

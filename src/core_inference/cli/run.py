@@ -60,7 +60,7 @@ def open_model(path: str | None, cfg: LoadConfig, chat: bool = False) -> Loaded:
     """Load the model at ``path`` (default: the embedded one for the command) with ``cfg``."""
     resolved = resolve_model(path, chat)
     check_model_path(resolved)  # as registry.load_model does, before choosing by format
-    backend = registry.choose_backend(resolved, cfg.backend)
+    backend = registry.choose_backend(resolved, cfg.backend, cfg)
     name = os.path.basename(os.path.normpath(resolved)) or resolved
     return Loaded(backend.load_model(resolved, cfg), name, backend.name)
 

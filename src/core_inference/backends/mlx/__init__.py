@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 DEVICES = ("gpu", "cpu")
 CPU_HINT = (
     "MLX's CPU device still runs here: "
-    'core_inference.get("metal").load_model(path, engine_options={"device": "cpu"})'
+    'core_inference.load_model(path, backend="metal", engine_options={"device": "cpu"})'
 )
 
 
@@ -56,6 +56,12 @@ class MlxBackend(BaseBackend):
 
     def hardware_problem(self) -> str | None:
         return metal_problem()
+
+    def why_unavailable_for(self, cfg: LoadConfig) -> str | None:
+        """MLX's CPU device needs the engine only, no Metal GPU."""
+        if cfg.engine_options.get("device") == "cpu":
+            return self.missing_engine()
+        return self.why_unavailable()
 
     def _load(self, path: str, cfg: LoadConfig) -> MlxModel:
         from ...formats.hf import read_hf_folder
