@@ -32,7 +32,7 @@ from core_inference import (
 pytest.importorskip("ray", reason="needs core-inference[ray]")
 pytest.importorskip("llama_cpp", reason="the replicas run llama.cpp")
 
-from core_inference import distributed  # noqa: E402
+from core_inference import distributed
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fib(n):", "Water boils at", "1, 2, 3,"]
 TOKENS = 6
