@@ -12,25 +12,11 @@ the single token on its own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
+from ...token_bytes import BYTE_LEVEL, token_bytes
+
 SPM_SPACE = "\u2581".encode()
-
-
-@lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the character that stands for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    chars = list(printable)
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def token_pieces(tokenizer: Any) -> Callable[[int], bytes]:
@@ -40,11 +26,9 @@ def token_pieces(tokenizer: Any) -> Callable[[int], bytes]:
     table: Any = getattr(detok, "tokenmap", None)
     control = _control_ids(tokenizer)
     cache: dict[int, bytes] = {}
-    decoder = byte_decoder()
 
     def bpe(tid: int) -> bytes:
-        text = table[tid]
-        return bytes(decoder[c] for c in text) if all(c in decoder for c in text) else text.encode()
+        return token_bytes(table[tid], BYTE_LEVEL)
 
     def spm(tid: int) -> bytes:
         return bytes(table[tid]).replace(SPM_SPACE, b" ")
@@ -78,4 +62,4 @@ def _control_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-__all__ = ["byte_decoder", "token_pieces"]
+__all__ = ["token_pieces"]

@@ -6,7 +6,6 @@ Imported only when a model loads (it imports torch).
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from ...streaming import engine_seed
+from ...token_bytes import token_bytes
 from ...types import GenerateConfig
 
 PENALTY_WINDOW = 64  # the last tokens a repeat penalty looks at (llama.cpp's default)
@@ -82,22 +82,6 @@ class Sampler:
         return int(idx[pick] if idx is not None else pick)
 
 
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the character a byte is written as -> the byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 def decoder_kind(tokenizer: Any) -> tuple[str, bool]:
     """How token strings hold bytes: ("bytelevel" | "sentencepiece" | "", byte_fallback)."""
     try:
@@ -136,7 +120,6 @@ class TokenPieces:
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
         self.kind, self._fallback = decoder_kind(tokenizer)
-        self._bytes = _byte_decoder() if self.kind == "bytelevel" else {}
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self._special = {int(i) for i, t in added.items() if getattr(t, "special", False)}
         self._special.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
@@ -162,14 +145,8 @@ class TokenPieces:
         token = self._tok.convert_ids_to_tokens(tid)
         if not isinstance(token, str):  # an id past the tokenizer's vocabulary (padded embeddings)
             return b""
-        if self.kind == "bytelevel":
-            table = self._bytes
-            if all(c in table for c in token):
-                return bytes(table[c] for c in token)
-            return token.encode()
-        if self.kind == "sentencepiece":
-            m = _BYTE_TOKEN.fullmatch(token) if self._fallback else None
-            return bytes([int(m.group(1), 16)]) if m else token.replace("\u2581", " ").encode()
+        if self.kind:
+            return token_bytes(token, self.kind, self._fallback)
         return str(self._tok.convert_tokens_to_string([token])).encode()
 
 
