@@ -113,6 +113,7 @@ _AUTHOR = {
     "MetricsRecorder": "core_inference.streaming",
     "Piece": "core_inference.streaming",
     "TokenFinisher": "core_inference.streaming",
+    "BatchBook": "core_inference.streaming",
     "finish_tokens": "core_inference.streaming",
     "afinish_tokens": "core_inference.streaming",
     "engine_seed": "core_inference.streaming",

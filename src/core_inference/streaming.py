@@ -6,11 +6,11 @@ import codecs
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .context import Context
 from .errors import InferenceError, ModelClosed
-from .types import GenerateConfig, GenerateMetrics, Token
+from .types import BatchResult, GenerateConfig, GenerateMetrics, Token
 
 
 class Utf8Holdback:
@@ -277,6 +277,47 @@ class TokenFinisher:
             del held[:n]
             self._held_text = self._held_text[pos:]
         return tuple(out)
+
+
+class BatchBook:
+    """The bookkeeping of one native ``batch_generate`` call, the same for every engine.
+
+    ``encoded`` maps each good prompt's index to its token ids, ``errors`` each bad one's
+    to its failure. The engine feeds every prompt's pieces through ``finishers[i]`` and
+    appends what it yields to ``tokens[i]``, adding its step times to ``rec``; then sets
+    the call's memory on ``rec`` and asks for ``results()``: one ``BatchResult`` per
+    prompt, in order, each with its own counts and the timings of the batch.
+    """
+
+    def __init__(
+        self, encoded: dict[int, list[int]], errors: dict[int, BaseException], cfg: GenerateConfig,
+        rec: MetricsRecorder,
+    ) -> None:
+        self.encoded, self.errors, self.rec = encoded, errors, rec
+        self.recs = {k: MetricsRecorder(start=rec.start) for k in encoded}
+        self.finishers = {k: TokenFinisher(cfg, self.recs[k]) for k in encoded}
+        self.tokens: dict[int, list[Token]] = {k: [] for k in encoded}
+        rec.prefill_duration = rec.decode_duration = 0.0  # summed over the engine's steps
+
+    def results(self, count: int) -> list[BatchResult]:
+        """The ``count`` prompts' results, in order (the call's totals go into ``rec``)."""
+        rec, finishers, encoded = self.rec, self.finishers, self.encoded
+        rec.prompt_tokens = sum(map(len, encoded.values()))
+        rec.generated_tokens = sum(f.count for f in finishers.values())
+        rec.decoded_tokens = rec.generated_tokens - sum(1 for f in finishers.values() if f.count)
+        rec.first_token = min((r.first_token for r in self.recs.values() if r.first_token), default=0.0)
+        batch = rec.finish()
+        results = []
+        for i in range(count):
+            if i in self.errors:
+                results.append(BatchResult(err=self.errors[i], finish_reason="error", metrics=batch))
+                continue
+            fin, first = finishers[i], self.recs[i].first_token
+            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=fin.count,
+                           time_to_first_token=first - rec.start if first else 0.0)
+            results.append(BatchResult(tuple(self.tokens[i]), None, fin.finish_reason or "length", fin.stop,
+                                       len(encoded[i]), mine))
+        return results
 
 
 def finish_tokens(

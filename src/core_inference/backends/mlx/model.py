@@ -29,7 +29,7 @@ from ...context import Context
 from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelClosed, ModelLoadError
 from ...formats.hf import HFFolder
 from ...model import BaseModel
-from ...streaming import MetricsRecorder, Piece, TokenFinisher, engine_seed
+from ...streaming import BatchBook, MetricsRecorder, Piece, TokenFinisher, engine_seed
 from ...templates import BUILTIN_TEMPLATES, builtin_template, no_template_error, render_jinja
 from ...types import (
     BatchResult,
@@ -379,32 +379,14 @@ class MlxModel(BaseModel):
                 encoded[i] = self._prompt_tokens(p)
             except Exception as exc:  # one bad prompt does not sink the batch
                 errors[i] = exc
-        recs = {k: MetricsRecorder(start=rec.start) for k in encoded}
-        finishers = {k: TokenFinisher(cfg, recs[k]) for k in encoded}
-        tokens: dict[int, list[Token]] = {k: [] for k in encoded}
-        rec.prefill_duration = rec.decode_duration = 0.0
+        book = BatchBook(encoded, errors, cfg, rec)
         if encoded and cfg.max_tokens:
             keys = list(encoded)
             for start in range(0, len(keys), BATCH_SEQS):
                 group = keys[start : start + BATCH_SEQS]
-                self._decode_together(group, encoded, finishers, tokens, cfg, ctx, rec)
-        rec.prompt_tokens = sum(map(len, encoded.values()))
-        rec.generated_tokens = sum(f.count for f in finishers.values())
-        rec.decoded_tokens = rec.generated_tokens - sum(1 for f in finishers.values() if f.count)
-        rec.first_token = min((r.first_token for r in recs.values() if r.first_token), default=0.0)
+                self._decode_together(group, encoded, book.finishers, book.tokens, cfg, ctx, rec)
         self._read_memory(rec)
-        batch = rec.finish()
-        results = []
-        for i in range(len(prompts)):
-            if i in errors:
-                results.append(BatchResult(err=errors[i], finish_reason="error", metrics=batch))
-                continue
-            fin, first = finishers[i], recs[i].first_token
-            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=fin.count,
-                           time_to_first_token=first - rec.start if first else 0.0)
-            results.append(BatchResult(tuple(tokens[i]), None, fin.finish_reason or "length", fin.stop,
-                                       len(encoded[i]), mine))
-        return results
+        return book.results(len(prompts))
 
     def _decode_together(
         self,

@@ -29,7 +29,7 @@ from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelC
 from ...formats.hf import HFFolder
 from ...memory import cpu_count, process_memory
 from ...model import BaseModel
-from ...streaming import MetricsRecorder, Piece, TokenFinisher
+from ...streaming import BatchBook, MetricsRecorder, Piece, TokenFinisher
 from ...templates import builtin_template, no_template_error, render_jinja
 from ...types import (
     BatchResult,
@@ -386,30 +386,12 @@ class TransformersModel(BaseModel):
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> list[BatchResult]:
         encoded, errors = self._encode_all(prompts)
-        recs = {k: MetricsRecorder(start=rec.start) for k in encoded}
-        finishers = {k: TokenFinisher(cfg, recs[k]) for k in encoded}
-        tokens: dict[int, list[Token]] = {k: [] for k in encoded}
-        rec.prefill_duration = rec.decode_duration = 0.0
+        book = BatchBook(encoded, errors, cfg, rec)
         if encoded and cfg.max_tokens:
             for group in _groups(encoded, BATCH_ROWS, BATCH_TOKENS):
-                self._decode_together(group, encoded, finishers, tokens, cfg, ctx, rec)
-        rec.prompt_tokens = sum(map(len, encoded.values()))
-        rec.generated_tokens = sum(f.count for f in finishers.values())
-        rec.decoded_tokens = rec.generated_tokens - sum(1 for f in finishers.values() if f.count)
-        rec.first_token = min((r.first_token for r in recs.values() if r.first_token), default=0.0)
+                self._decode_together(group, encoded, book.finishers, book.tokens, cfg, ctx, rec)
         rec.active_memory_bytes, rec.peak_memory_bytes = self._memory()
-        batch = rec.finish()
-        results = []
-        for i in range(len(prompts)):
-            if i in errors:
-                results.append(BatchResult(err=errors[i], finish_reason="error", metrics=batch))
-                continue
-            fin, first = finishers[i], recs[i].first_token
-            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=fin.count,
-                           time_to_first_token=first - rec.start if first else 0.0)
-            results.append(BatchResult(tuple(tokens[i]), None, fin.finish_reason or "length", fin.stop,
-                                       len(encoded[i]), mine))
-        return results
+        return book.results(len(prompts))
 
     def _decode_together(
         self,
