@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,13 +143,28 @@ def test_a_replica_killed_mid_run_costs_no_prompt(
     want = _one_process(local, prompts, 1, max_tokens=12)
     stream = pool.batch_generate_unordered(prompts, max_tokens=12, chunk_size=1, progress=False)
     got = [next(stream)]  # both replicas now run a chunk (the next one is sent before a result is given)
-    cluster.kill(pool.actors[0], no_restart=False)  # Ray restarts it; its chunk is lost
+    victim = pool.actors[0]
+    before = cluster.get(victim.ready.remote())[2]  # "host pid N"
+    cluster.kill(victim, no_restart=False)  # Ray restarts it; its chunk is lost
     got.extend(stream)
     assert sorted(i for i, _ in got) == list(range(len(prompts)))
     _same([r for _, r in sorted(got, key=lambda x: x[0])], want)
     assert "died running a chunk" in caplog.text
     # the killed replica came back (restarted, model loaded again) and serves the next call
     assert pool.classify(PROMPTS, chunk_size=1, progress=False)[0].err is None
+    assert len(pool.actors) == 2 and _ready(cluster, victim) != before  # a new process, same replica
+
+
+def _ready(ray: Any, actor: Any) -> str:
+    """Where a replica runs, once Ray has it up again (it may still be restarting)."""
+    for _ in range(300):
+        try:
+            status, _, where = ray.get(actor.ready.remote())
+            assert status == "ok"
+            return str(where)
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.2)
+    raise AssertionError("the replica did not come back")
 
 
 def test_unordered_yields_every_index_once(cluster: Any) -> None:
@@ -177,6 +194,47 @@ def test_cancel_stops_the_run_and_the_pool_goes_on(pool: distributed.Pool) -> No
     with pytest.raises(Cancelled):
         list(stream)
     assert pool.classify(PROMPTS[:2], progress=False)[1].err is None
+
+
+def test_a_deadline_ends_the_run_on_the_replicas_too(pool: distributed.Pool, cluster: Any) -> None:
+    from core_inference import Context, DeadlineExceeded, GenerateConfig
+
+    ctx = Context.background().with_timeout(1.0)  # far less than 20 prompts x 200 tokens take
+    with pytest.raises(DeadlineExceeded):
+        pool.batch_generate(PROMPTS * 4, max_tokens=200, chunk_size=2, progress=False, ctx=ctx)
+    # a replica is sent the seconds left, not the Context: none left ends its call at once
+    status, err, _ = cluster.get(pool.actors[1].run.remote(0, "batch_generate", ["x"], GenerateConfig(), 0.0))
+    assert status == "error" and isinstance(err, DeadlineExceeded)
+    assert pool.classify(PROMPTS[:2], progress=False)[0].err is None
+
+
+CONNECT = """
+import sys, psutil, ray
+from core_inference import distributed
+prompt = ["Water boils at"]
+there = distributed.classify(prompt, address=sys.argv[1], replicas=1, progress=False)
+print("address", there[0].err is None, ray.is_initialized())
+here = distributed.classify(prompt, replicas=1, progress=False)   # a local cluster of its own
+print("local", here[0].token == there[0].token, ray.is_initialized())
+"""
+
+
+def test_by_address_and_on_a_cluster_of_its_own(cluster: Any, pool: distributed.Pool) -> None:
+    """In a fresh process: connect to the module's cluster by address (left running), then start,
+    use and stop a local cluster (its session folder removed)."""
+    address = cluster.get_runtime_context().gcs_address
+    root = tempfile.mkdtemp(prefix="cit-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        env = {**os.environ, "RAY_TMPDIR": root,
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+        out = subprocess.run([sys.executable, "-c", CONNECT, address], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[:2] == ["address True False", "local True False"], out.stdout
+        assert os.listdir(root) == [], "the local cluster's session folder was left behind"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert pool.classify(PROMPTS[:1], progress=False)[0].err is None  # the module's cluster still runs
 
 
 def test_a_model_that_fails_to_load_is_a_model_load_error(cluster: Any, tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ RESTARTS = 4  # Ray restarts a dead replica this many times; then the run goes o
 SPLIT_AFTER = 2  # a chunk that lost its replica this often is retried prompt by prompt
 GIVE_UP_AFTER = 3  # a single prompt that lost its replica this often fails alone (its err)
 POLL = 0.1  # seconds between looks at the caller's Context while chunks run
+REASK = 0.5  # seconds between readiness questions to a replica that Ray is restarting
+SLOW_START = 60.0  # seconds after which replicas not yet ready are reported (a warning)
 
 Progress = Callable[[int, int], None]
 Result = TypeVar("Result", BatchResult, ClassifyResult)
@@ -433,10 +435,18 @@ class Pool:
             actor = actor_class.remote(self.model, self._default, self._load_cfg, self._engine_kw)
             self._members.append(_Member(i, actor))
         waiting = {m.actor.ready.remote(): m for m in self._members}
+        began, warned = time.monotonic(), False
         while waiting:
             err = ctx.err()
             if err is not None:
                 raise type(err)(f"{err} while the replicas were loading the model")
+            if not warned and time.monotonic() - began > SLOW_START:
+                warned = True  # Ray waits for free resources without a word: say it
+                logger.warning(
+                    "%d of %d replicas not ready after %.0f s: still loading, or waiting for %d free "
+                    "CPUs%s on the cluster", len(waiting), self.replicas, SLOW_START, self.threads,
+                    f" and {self.gpus:g} GPUs" if self.gpus else "",
+                )
             done, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL)
             for ref in done:
                 member = waiting.pop(ref)
@@ -550,6 +560,7 @@ class Pool:
         idle = list(self._members)
         running: dict[Any, tuple[_Member, _Chunk, int]] = {}
         returning: dict[Any, _Member] = {}  # replicas restarting after a death: their ready() calls
+        resting: list[tuple[float, _Member]] = []  # restarting replicas to ask again, and when
         total, done = len(prompts), 0
         try:
             report(0, total)
@@ -559,20 +570,30 @@ class Pool:
                     raise type(err)(str(err))
                 while pending and idle:
                     self._send(kind, prompts, cfg, pending.popleft(), idle.pop(0), running, ctx)
-                if not running and not returning:
+                now = time.monotonic()
+                for entry in [e for e in resting if e[0] <= now]:
+                    resting.remove(entry)
+                    returning[entry[1].actor.ready.remote()] = entry[1]
+                if not running and not returning and not resting:
                     raise EngineError(f"every replica of the pool has died; {len(pending)} chunks left")
-                ready, _ = ray.wait([*running, *returning], num_returns=1, timeout=POLL)
+                waiting = [*running, *returning]
+                if not waiting:
+                    time.sleep(POLL)
+                    continue
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=POLL)
                 for ref in ready:
                     if ref in returning:
-                        self._rejoined(returning.pop(ref), ref, idle)
+                        self._rejoined(returning.pop(ref), ref, idle, resting)
                         continue
                     member, chunk, _call = running.pop(ref)
                     try:
                         status, value, member.where = ray.get(ref)
-                    except ray.exceptions.RayActorError as exc:  # the replica died: the chunk goes again
+                    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                        # the replica (or its node) died: the chunk goes again
                         self._lost(member, chunk, exc, pending, returning)
                         for index, result in self._given_up(kind, chunk, pending):
                             done += 1
+                            report(done, total)
                             yield index, result
                         continue
                     if status != "ok":  # the whole chunk failed (as model.batch_generate raises)
@@ -634,16 +655,24 @@ class Pool:
             else:
                 yield chunk.indices[0], BatchResult(err=err, finish_reason="error")
 
-    def _rejoined(self, member: _Member, ref: Any, idle: list[_Member]) -> None:
+    def _rejoined(
+        self, member: _Member, ref: Any, idle: list[_Member], resting: list[tuple[float, _Member]]
+    ) -> None:
         ray = self._ray
         try:
             status, value, member.where = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # still restarting: ask again in a moment
+            resting.append((time.monotonic() + REASK, member))
+            return
         except ray.exceptions.RayError as exc:
             logger.warning("replica %d is gone for good (%s); the others go on", member.number, exc)
+            self._members.remove(member)
             return
         if status != "ok":
             logger.warning("replica %d came back but cannot load the model (%s); the others go on",
                            member.number, value)
+            self._members.remove(member)
+            self._ray.kill(member.actor, no_restart=True)
             return
         logger.info("replica %d (%s) is back", member.number, member.where)
         idle.append(member)
