@@ -246,6 +246,17 @@ def test_a_model_that_fails_to_load_is_a_model_load_error(cluster: Any, tmp_path
     assert isinstance(caught.value.__cause__, ModelLoadError)
 
 
+def test_a_prompt_too_long_fails_alone_and_its_error_crosses_over(cluster: Any) -> None:
+    """A load option reaches the replica; a per-prompt error comes back with its attributes."""
+    from core_inference import with_context_len
+
+    out = distributed.batch_generate(["Hello", "word " * 200], with_context_len(64), replicas=1,
+                                     max_tokens=2, progress=False)
+    assert out[0].err is None and len(out[0].tokens) == 2
+    err = out[1].err
+    assert isinstance(err, ContextLengthExceeded) and err.requested > err.limit > 0, repr(err)
+
+
 def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(BackendUnavailable) as caught:
