@@ -140,11 +140,11 @@ def test_a_replica_killed_mid_run_costs_no_prompt(
     pool: distributed.Pool, local: TextModel, cluster: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     prompts = [f"{p} ({i})" for i, p in enumerate(PROMPTS + PROMPTS[:3])]
-    want = _one_process(local, prompts, 1, max_tokens=12)
-    stream = pool.batch_generate_unordered(prompts, max_tokens=12, chunk_size=1, progress=False)
-    got = [next(stream)]  # both replicas now run a chunk (the next one is sent before a result is given)
+    want = _one_process(local, prompts, 1, max_tokens=16)
     victim = pool.actors[0]
     before = cluster.get(victim.ready.remote())[2]  # "host pid N"
+    stream = pool.batch_generate_unordered(prompts, max_tokens=16, chunk_size=1, progress=False)
+    got = [next(stream)]  # both replicas now run a chunk (the next one is sent before a result is given)
     cluster.kill(victim, no_restart=False)  # Ray restarts it; its chunk is lost
     got.extend(stream)
     assert sorted(i for i, _ in got) == list(range(len(prompts)))
