@@ -167,6 +167,17 @@ def _ready(ray: Any, actor: Any) -> str:
     raise AssertionError("the replica did not come back")
 
 
+def test_a_replica_gone_for_good_leaves_the_pool(cluster: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with distributed.Pool(replicas=2, threads=1) as two:
+        stream = two.batch_generate_unordered(PROMPTS * 2, max_tokens=8, chunk_size=1, progress=False)
+        got = [next(stream)]
+        cluster.kill(two.actors[1], no_restart=True)  # a node lost for good
+        got.extend(stream)
+        assert sorted(i for i, _ in got) == list(range(len(PROMPTS) * 2))
+        assert all(r.err is None for _, r in got)
+        assert len(two.actors) == 1 and "gone for good" in caplog.text
+
+
 def test_unordered_yields_every_index_once(cluster: Any) -> None:
     seen = [i for i, r in distributed.classify_unordered(
         PROMPTS * 2, replicas=2, chunk_size=1, progress=False) if r.err is None]
