@@ -57,6 +57,7 @@ BUILTINS: Mapping[str, BuiltinBackend] = MappingProxyType(
         "torch": BuiltinBackend("core_inference.backends.transformers:TorchBackend", "torch"),
         "metal": BuiltinBackend("core_inference.backends.mlx:MlxBackend", "mlx"),
         "openai": BuiltinBackend("core_inference.backends.openai:OpenAIBackend", "openai"),
+        "vllm": BuiltinBackend("core_inference.backends.vllm:VllmBackend", "vllm"),
     }
 )
 
