@@ -34,6 +34,7 @@ EXPECT = {
     "backends.md": ["one two three"],
     "server.md": ["length 32", "24 generated]"],
     "openai.md": ["True True"],
+    "distributed.md": ["4 results, no errors: True", "same as one process: True", "every prompt once: True"],
 }
 
 # Runs a page's blocks in one namespace; each compiled under "page:line" so a traceback names it.

@@ -235,3 +235,20 @@ def test_metrics_and_info_default_to_zero() -> None:
         "architecture", "vocab_size", "num_layers", "hidden_size", "context_length", "quant_bits",
         "quant_group",
     }
+
+
+def test_every_error_pickles_with_its_fields() -> None:
+    """Errors cross process boundaries (Ray replicas, worker processes) whole."""
+    import pickle
+
+    from core_inference import errors as e
+
+    cases: list[Exception] = [
+        e.BackendNotRegistered("x", ["a", "b"]), e.BackendUnavailable("metal", "no GPU", "mlx"),
+        e.NoBackendAvailable("none", {"a": "gone"}), e.ModelLoadError("bad file", "/m.gguf"),
+        e.ContextLengthExceeded(900, 512), e.EngineError("boom"), e.Cancelled(), e.DeadlineExceeded("late"),
+        e.ModelClosed(),
+    ]
+    for err in cases:
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err), err

@@ -72,6 +72,9 @@ class RayUnavailable(BackendUnavailable):
         )
         self.name, self.reason, self.extra = "ray", reason, EXTRA
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.reason,), self.__dict__)
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.reason,))
 

@@ -19,6 +19,9 @@ class BackendNotRegistered(InferenceError, LookupError):
         names = ", ".join(self.known) or "none"
         super().__init__(f"backend {name!r} is not registered (known backends: {names})")
 
+    def __reduce__(self) -> tuple[object, ...]:  # pickle rebuilds from the arguments, not the message
+        return (type(self), (self.name, self.known), self.__dict__)
+
 
 class BackendUnavailable(InferenceError):
     """A registered backend cannot run here: its engine is missing or the hardware is absent."""
@@ -31,6 +34,9 @@ class BackendUnavailable(InferenceError):
         hint = f"; install it with: {install}" if extra and install not in reason else ""
         super().__init__(f"backend {name!r} is unavailable: {reason}{hint}")
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.reason, self.extra), self.__dict__)
+
 
 class NoBackendAvailable(InferenceError):
     """No registered backend is available and able to load the model.
@@ -41,6 +47,9 @@ class NoBackendAvailable(InferenceError):
     def __init__(self, message: str, reasons: Mapping[str, str] | None = None) -> None:
         self.reasons: dict[str, str] = dict(reasons or {})
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.reasons), self.__dict__)
 
 
 class ModelLoadError(InferenceError):
@@ -53,6 +62,9 @@ class ModelLoadError(InferenceError):
         self.path: str | None = os.fspath(path) if path is not None else None
         super().__init__(message)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.path), self.__dict__)
+
 
 class ContextLengthExceeded(InferenceError, ValueError):
     """The prompt (plus room to generate) does not fit the model's context.
@@ -64,6 +76,9 @@ class ContextLengthExceeded(InferenceError, ValueError):
         self.requested = requested
         self.limit = limit
         super().__init__(f"prompt of {requested} tokens does not fit the context of {limit} tokens")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.requested, self.limit), self.__dict__)
 
     @property
     def prompt_tokens(self) -> int:
