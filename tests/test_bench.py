@@ -141,13 +141,20 @@ def _default_model_or_skip() -> str:
 def test_quick_bench_runs_every_row_end_to_end(tmp_path: Path) -> None:
     """Every built-in row, tiny sizes, one run: proves the harness and suites work, times nothing."""
     model = _default_model_or_skip()
-    res = run_bench(model, str(tmp_path), quick=True, machine="quick", echo=None)
+    # The in-process suites; the server and Ray suites start servers and clusters and are
+    # run on their own (tests/test_server_bench.py; python -m core_inference.bench.distributed_suite).
+    suites = ["core", "llama_cpp", "torch", "mlx"]
+    res = run_bench(model, str(tmp_path), quick=True, machine="quick", echo=None, suites=suites)
     data = json.loads((tmp_path / "quick.json").read_text())
     assert data["config"]["quick"] is True and data["machine"]["threads"] == res["machine"]["threads"]
     assert "llama-cpp-python" in data["versions"] and data["machine"]["cpu"]
-    keys = {row["key"] for suite in data["suites"] for row in suite["rows"]}
-    assert keys == {"contract_generate", "import_time", "decode", "decode_overhead", "ttft",
-                    "batch_generate", "classify", "load"}
+    keys = {suite["name"]: {row["key"] for row in suite["rows"]} for suite in data["suites"]}
+    assert keys == {
+        "core": {"contract_generate", "import_time"},
+        "llama_cpp": {"decode", "decode_overhead", "ttft", "batch_generate", "classify", "load"},
+        "torch": {"decode", "batch_generate", "classify", "concurrent"},  # on the converted default
+        "mlx": {"decode", "batch_generate", "classify"},
+    }
     for suite in data["suites"]:
         assert "error" not in suite, suite.get("error")
         for row in suite["rows"]:

@@ -110,6 +110,28 @@ class Suite:
     versions: Callable[[], dict[str, str]] = dict
 
 
+def hf_folder(cfg: BenchConfig, suite: str) -> str:
+    """The Hugging Face folder a suite for HF engines measures: ``--model`` when it is one,
+    else that GGUF (default: the embedded model) converted by ``core_inference.convert``,
+    kept in the cache, so every engine is measured on the same weights in one ``make bench``."""
+    from ..formats import GGUF, HF, sniff_format
+
+    if cfg.model:
+        path = cfg.model
+    else:
+        from ..default_model import default_model_path
+
+        path = str(default_model_path(progress=False))
+    kind = sniff_format(path)
+    if kind == HF:
+        return path
+    if kind == GGUF:
+        from ..convert import convert_gguf
+
+        return str(convert_gguf(path, progress=False))
+    raise BenchError(f"the {suite} suite needs a Hugging Face folder or a GGUF file, got {path!r}")
+
+
 def interleaved_order(n_sides: int, round_index: int) -> list[int]:
     """Side indices for one round: forward on even rounds, reversed on odd (ABBA)."""
     order = list(range(n_sides))

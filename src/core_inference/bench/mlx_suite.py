@@ -3,8 +3,8 @@
 Both sides use one model and tokenizer in memory (ours, loaded by mlx-lm), the same MLX
 stream and device (the Metal GPU where there is one, else MLX's CPU device) and the same
 prefill step and batch sizes, in the same process, interleaved. The model is a Hugging
-Face folder: ``--suite mlx --model DIR`` (for example the converted default model);
-with a GGUF file, or no model (the default GGUF), the suite has no rows.
+Face folder (``--model DIR``); a GGUF file, or no model (the default one), is measured
+converted (``core_inference.convert``, kept in the cache).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, hf_folder
 from .llama_cpp_suite import BATCH_PROMPTS, DECODE_PROMPT, _sentences, _timed
 
 
@@ -39,20 +39,6 @@ def _device() -> str:
     from ..backends.mlx import metal_problem
 
     return "gpu" if metal_problem() is None else "cpu"
-
-
-def _folder(cfg: BenchConfig) -> str | None:
-    """The Hugging Face folder to measure; None for a GGUF file or no model (nothing to run)."""
-    from ..formats import GGUF, HF, sniff_format
-
-    if not cfg.model:
-        return None
-    kind = sniff_format(cfg.model)
-    if kind == HF:
-        return cfg.model
-    if kind == GGUF:
-        return None
-    raise BenchError(f"the mlx suite needs a Hugging Face safetensors folder, got {cfg.model!r}")
 
 
 def _on_engine(model: Any, work: Callable[[], int]) -> Callable[[], int]:
@@ -222,11 +208,7 @@ def _classify_row(model: Any, cfg: BenchConfig) -> Row:
 def _rows(cfg: BenchConfig) -> Iterator[Row]:
     from ..backends.mlx import MlxBackend
 
-    folder = _folder(cfg)
-    if folder is None:
-        # MLX cannot read GGUF files: measured on a converted folder only (--suite mlx --model DIR).
-        # The runner has no "skipped for this model" yet, so the suite gives no rows.
-        return
+    folder = hf_folder(cfg, "mlx")  # a GGUF (the default one too) is measured converted
     device = _device()
     model: Any = MlxBackend().load_model(folder, engine_options={"device": device})
     try:

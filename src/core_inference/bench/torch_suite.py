@@ -2,8 +2,9 @@
 
 Both sides use the same loaded ``AutoModelForCausalLM`` (our backend's own module object:
 the same weights, dtype and torch threads), in the same process, interleaved. The model is
-a Hugging Face folder passed as ``--suite torch --model DIR`` (for the default model, the
-output of ``core-inference convert``); with a GGUF file or no model the suite gives no rows.
+a Hugging Face folder (``--model DIR``); a GGUF file, or no model (the default one), is
+measured converted (``core_inference.convert``, kept in the cache): the same weights the
+llama.cpp rows use, dequantised.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, hf_folder
 from .llama_cpp_suite import BATCH_PROMPTS, DECODE_PROMPT, _sentences
 
 
@@ -41,20 +42,6 @@ def _timed(work: Callable[[], int]) -> Callable[[], float]:
         return units / (time.perf_counter() - start)
 
     return run
-
-
-def _hf_folder(cfg: BenchConfig) -> str | None:
-    """The Hugging Face folder to measure; None for a GGUF file or no model (nothing to run)."""
-    from ..formats import GGUF, HF, sniff_format
-
-    if not cfg.model:
-        return None
-    kind = sniff_format(cfg.model)
-    if kind == HF:
-        return cfg.model
-    if kind == GGUF:
-        return None
-    raise BenchError(f"the torch suite needs a Hugging Face safetensors folder, got {cfg.model!r}")
 
 
 OURS_DECODE = "ours: generate"
@@ -297,11 +284,7 @@ def _gpu_note() -> str:
 
 
 def _rows(cfg: BenchConfig) -> Iterator[Row]:
-    path = _hf_folder(cfg)
-    if path is None:
-        # transformers does not run GGUF files as they are: measured on a converted folder only
-        # (--suite torch --model DIR). The runner has no "skipped for this model" yet: no rows.
-        return
+    path = hf_folder(cfg, "torch")  # a GGUF (the default one too) is measured converted
     with _backend().load_model(path, threads=cfg.threads) as model:
         facts = {"model": os.path.basename(os.path.normpath(path)), "threads": cfg.threads,
                  "backend": model.backend_name, "dtype": str(model.dtype), "device": str(model.device),
