@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import os
+import re
 import threading
 import time
 import uuid
@@ -53,6 +54,85 @@ CPU_KV_CACHE = 1 << 30  # the KV cache on the CPU build when no memory option is
 SHUTDOWN_TIMEOUT = 30.0  # seconds close() waits for the engine process to stop
 _ENV_LOCK = threading.Lock()  # environment variables read by the processes a load spawns
 _SEQ = itertools.count()
+
+
+_WRAPPERS = ("Engine core initialization failed", "WorkerProc initialization failed", "See root cause")
+_ERROR_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+class StderrTee:
+    """While a load runs, file descriptor 2 is a pipe whose reader copies everything to the
+    real stderr and keeps the last lines, so that the reason an engine or worker process
+    failed to start (which vLLM writes there, raising only "see root cause above") can be
+    told. The processes started meanwhile keep the pipe; the reader thread goes on copying
+    until they have all exited."""
+
+    KEEP = 400
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._saved = -1
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StderrTee:
+        try:
+            read, write = os.pipe()
+            self._saved = os.dup(2)
+        except OSError:
+            return self
+        out = self._saved
+        self._thread = threading.Thread(target=self._copy, args=(read, os.dup(out)),
+                                        name="core-inference vllm stderr", daemon=True)
+        self._thread.start()
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(write, 2)
+        os.close(write)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved < 0:
+            return
+        import sys
+
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._saved = -1
+
+    def _copy(self, read: int, out: int) -> None:
+        pending = b""
+        with contextlib.suppress(OSError):
+            while True:
+                chunk = os.read(read, 65536)
+                if not chunk:
+                    break
+                with contextlib.suppress(OSError):
+                    os.write(out, chunk)
+                pending += chunk
+                *whole, pending = pending.split(b"\n")
+                self._lines.extend(w.decode("utf-8", "replace") for w in whole)
+                del self._lines[: -self.KEEP]
+        os.close(read)
+        os.close(out)
+
+    def reason(self, wait: float = 2.0) -> str:
+        """The first error a child process reported (``AssertionError: ...``), or ""."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:  # the failing process may still be writing
+            if self._first_error():
+                break
+            time.sleep(0.1)
+        return self._first_error()
+
+    def _first_error(self) -> str:
+        for line in list(self._lines):
+            m = _ERROR_LINE.search(line)
+            if m and not any(w in line for w in _WRAPPERS):
+                return f"{m.group(1)}: {m.group(2).strip()}"
+        return ""
 
 
 class _SchedulerTap(StatLoggerBase):  # type: ignore[misc]
@@ -148,12 +228,13 @@ class VllmModel(BaseModel):
         except BaseException as exc:
             self._closed.set()  # a model that never was: free now, and no "not closed" warning
             self._free()
-            if isinstance(exc, (ModelLoadError, TypeError, ValueError)) or not isinstance(exc, Exception):
+            if isinstance(exc, ModelLoadError) or not isinstance(exc, Exception):
                 raise
+            # vLLM validates its settings with pydantic (ValueErrors) and in its engine
+            # process: either way a setting it refuses, with its own reason.
+            reason = getattr(exc, "child_reason", "") or f"{type(exc).__name__}: {exc}{_root_cause(exc)}"
             raise ModelLoadError(
-                f"{self.path}: vLLM {vllm.__version__} refused the model or its settings: "
-                f"{type(exc).__name__}: {exc}{_root_cause(exc)}",
-                self.path,
+                f"{self.path}: vLLM {vllm.__version__} refused the model or its settings: {reason}", self.path
             ) from exc
 
     async def _start(self, kw: dict[str, Any], bind: str | None) -> None:
@@ -173,8 +254,14 @@ class VllmModel(BaseModel):
             saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
             if bind is not None:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            tee = StderrTee()
             try:
-                self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[tap])
+                with tee:
+                    self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[tap])
+            except Exception as exc:
+                # The engine process's failure is written to its stderr; only "see above" comes back
+                exc.child_reason = tee.reason()  # type: ignore[attr-defined]
+                raise
             finally:
                 if bind is not None:
                     if saved is None:
