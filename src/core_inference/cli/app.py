@@ -27,6 +27,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere, even while the first imports run: 130, no traceback
+        print(file=sys.stderr)
+        return INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
         import click
     except ImportError:
         print(f"error: the command line needs click: {INSTALL_HINT}", file=sys.stderr)
