@@ -34,6 +34,7 @@ EXPECT = {
     "backends.md": ["one two three"],
     "server.md": ["length 32", "24 generated]"],
     "openai.md": ["True True"],
+    "vllm.md": ["vllm: extra vllm, available here:"],
     "distributed.md": ["4 results, no errors: True", "same as one process: True", "every prompt once: True"],
 }
 
