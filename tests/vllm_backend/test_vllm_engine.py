@@ -105,6 +105,17 @@ def test_seeded_sampling_repeats_and_options_reach_vllm(model: Any) -> None:
     assert [t.id for t in model.generate(PROMPT, max_tokens=16, top_k=1, temperature=1.0, seed=3)] == greedy
 
 
+def test_a_slow_reader_gets_the_same_tokens(model: Any) -> None:
+    """A reader slower than the engine gets several ids per vLLM delta: each still comes as
+    its own token with its own text, the same as a fast reader's."""
+    fast = list(model.generate(PROMPT, max_tokens=24))
+    slow = []
+    for tok in model.generate(PROMPT, max_tokens=24):
+        slow.append(tok)
+        time.sleep(0.05)
+    assert slow == fast
+
+
 def test_metrics_come_from_vllm_request_stats(model: Any) -> None:
     stream = model.generate(PROMPT, max_tokens=8)
     list(stream)

@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -54,6 +54,7 @@ CPU_KV_CACHE = 1 << 30  # the KV cache on the CPU build when no memory option is
 SHUTDOWN_TIMEOUT = 30.0  # seconds close() waits for the engine process to stop
 _ENV_LOCK = threading.Lock()  # environment variables read by the processes a load spawns
 _SEQ = itertools.count()
+_TAIL = 8  # ids of context for splitting a merged delta's text (SentencePiece spaces need some)
 
 
 _WRAPPERS = ("Engine core initialization failed", "WorkerProc initialization failed", "See root cause")
@@ -347,6 +348,8 @@ class VllmModel(BaseModel):
         rid = f"ci-{next(_SEQ)}-{uuid.uuid4().hex[:8]}"
         done = False
         seen = 0
+        tail = ids[-_TAIL:]  # the last ids before each delta, for the text of merged ones
+        texts = self._texts(ids)
         try:
             async with contextlib.aclosing(engine.generate({"prompt_token_ids": ids}, params, rid)) as outs:
                 async for out in outs:
@@ -366,13 +369,64 @@ class VllmModel(BaseModel):
                                 f"vLLM ended the request: {comp.finish_reason} ({comp.stop_reason})")
                     _engine_times(out.metrics, rec)
                     seen += len(tids)
-                    # Several ids in one delta: vLLM's text of them cannot be split, it goes with the last
-                    for i, tid in enumerate(tids):
-                        yield int(tid), (text if i == len(tids) - 1 else "")
+                    # A consumer slower than the engine gets several ids in one delta (vLLM merges
+                    # them): each gets its own text, as it would have one at a time
+                    if texts is not None:
+                        pieces = [texts(t) for t in tids]
+                    else:
+                        pieces = [text] if len(tids) == 1 else self._split(tail, tids, text)
+                    tail = (tail + tids)[-_TAIL:]
+                    for tid, piece in zip(tids, pieces, strict=True):
+                        yield int(tid), piece
         finally:
             if not done:  # closing vLLM's generator aborts already; this covers a start cut short
                 with contextlib.suppress(Exception):
                     await engine.abort(rid)
+
+    def _texts(self, prompt: list[int]) -> Callable[[int], str] | None:
+        """Each generated id's text, one id at a time, as vLLM's own detokenizer makes it
+        (a ``tokenizers`` ``DecodeStream`` primed with the prompt), whether vLLM's deltas
+        carried it alone or merged; None for a tokenizer without a fast backend."""
+        raw = getattr(self._tok, "_tokenizer", None)
+        if raw is None:
+            return None
+        try:
+            from tokenizers import Tokenizer
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            return None
+        if not isinstance(raw, Tokenizer):
+            return None
+        state = [DecodeStream(ids=prompt, skip_special_tokens=True)]
+
+        def step(tid: int) -> str:
+            try:
+                return state[0].step(raw, tid) or ""
+            except Exception:  # vLLM's own recovery: a fresh stream (tokenizers#17448's invalid prefix)
+                state[0] = DecodeStream(skip_special_tokens=True)
+                return state[0].step(raw, tid) or ""
+
+        return step
+
+    def _split(self, tail: list[int], tids: list[int], text: str) -> list[str]:
+        """Each id's text in a merged delta: what decoding one more id adds, a character
+        split across ids going with the id that completes it (as vLLM's own detokenizer
+        does). Where the parts do not add up to vLLM's text, all of it goes with the last id."""
+        def upto(k: int) -> str:
+            return str(self._tok.decode(tail + tids[:k], skip_special_tokens=True)).rstrip("\ufffd")
+
+        base = upto(0)
+        out: list[str] = []
+        prev = base
+        for k in range(1, len(tids) + 1):
+            cur = upto(k)
+            if not cur.startswith(prev):
+                break
+            out.append(cur[len(prev):])
+            prev = cur
+        if len(out) == len(tids) and "".join(out) == text:
+            return out
+        return [""] * (len(tids) - 1) + [text]
 
     # -- classify and batch: every prompt's request added at once ---------------------
 
