@@ -38,7 +38,7 @@ demo: $(VENV)/.demo-installed
 	@$(BIN)/core-inference generate --stop '\n' --max-tokens 48 --metrics 'Water boils at a temperature of'
 
 # vLLM's CPU build pins torch 2.13.0+cpu and transformers<5.20, so it lives in an environment of
-# its own (about 2 min to build here, ~1.5 GB). torchvision/torchaudio/torchcodec come with it but
+# its own (about 2 min to build here, 3.4 GB). torchvision/torchaudio/torchcodec come with it but
 # do not load beside this torch; text models need none of them. If pip cannot install it (no
 # network, no wheel for this platform), .unavailable says why and the vLLM tests skip saying so.
 VLLM_VENV := .venv-vllm
