@@ -29,7 +29,7 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_path: Path) -> Iterator[LlamaCppModel]:
-    m = LlamaCppBackend().load_model(model_path, parallel_slots=4, context_len=2048)
+    m = LlamaCppBackend().load_model(model_path, parallel_slots=4, context_len=2048, threads=1)
     assert isinstance(m, LlamaCppModel)
     yield m
     m.close()

@@ -11,14 +11,18 @@ in chunks of 512), so prompts are cut at fixed boundaries (multiples of the mode
 ``prefill_chunk``) whatever else runs, and a chunk never shares its ``llama_decode``
 with another sequence's tokens unless they are first chunks of the same length (with a
 non-unified KV cache llama.cpp gives each sequence of a micro-batch the same number of
-tokens, so a shorter neighbour would cut the chunk in two). A prompt thus prefills the
-same way alone, in ``classify``, in ``batch_generate`` and beside other streams.
+tokens, so a shorter neighbour would cut the chunk in two), and only when that length is
+a multiple of 4: llama.cpp's CPU matmuls take rows four at a time and the rows left over
+one by one, which rounds differently, so a 6-token prompt beside another gives other
+logits than alone while an 8-token one does not. A prompt thus prefills the same way
+alone, in ``classify``, in ``batch_generate`` and beside other streams.
 
 Imported only when the ``llama_cpp`` backend loads a model (it drives ``engine.py``).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -32,6 +36,7 @@ from .engine import Aborted
 LOOKAHEAD = 8  # tokens a sequence may run ahead of its reader before it sits out steps
 GROUP_CHUNK_MAX = 256  # first chunks up to this long may share a decode with equal ones
 POLL = 0.02  # seconds between a waiting caller's looks at its context
+EXIT_WAIT = 1.0  # seconds close() waits for the thread at interpreter exit
 
 
 class Usage:
@@ -113,7 +118,9 @@ class Scheduler:
         Waits for the running step (it may be using the job), so the sequence id is free
         for the next call once this returns.
         """
-        with self._lock:
+        if not self._lock.acquire(timeout=EXIT_WAIT if sys.is_finalizing() else -1):
+            return  # interpreter exit, the thread stuck mid-step: the process frees it all
+        try:
             with self._cond:
                 job.released = True
                 if job in self._jobs:
@@ -122,6 +129,8 @@ class Scheduler:
             if not self._freed:
                 job.lctx.clear_seq(job.seq)
             job.sampler.free()
+        finally:
+            self._lock.release()
 
     def next_token(self, job: Job) -> int | None:
         """The job's next sampled token, None once it has no more; raises if its call ended."""
@@ -165,15 +174,22 @@ class Scheduler:
         if job.error is not None:
             raise job.error
 
-    def shutdown(self) -> None:
-        """Stop the thread (called by close before the contexts are freed)."""
+    def shutdown(self) -> bool:
+        """Stop the thread (called by close before the contexts are freed); False if it would not.
+
+        At interpreter exit a daemon thread never runs again once it needs the GIL, so
+        it is given a moment and then left: the caller must not free what it may be using.
+        """
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            thread.join(EXIT_WAIT if sys.is_finalizing() else None)
+            if thread.is_alive():
+                return False
         self._freed = True
+        return True
 
     # -- the scheduler thread -------------------------------------------------------------
 
@@ -220,7 +236,7 @@ class Scheduler:
             first = waiting.pop(0)
             n = len(self._next_chunk(first))
             group = [first]
-            if first.done == 0 and n <= GROUP_CHUNK_MAX:
+            if first.done == 0 and n <= GROUP_CHUNK_MAX and n % 4 == 0:
                 room = min(self.chunk, first.lctx.n_batch) - spent
                 for other in list(waiting):
                     if (n * (len(group) + 1) <= room and other.lctx is first.lctx and other.done == 0
