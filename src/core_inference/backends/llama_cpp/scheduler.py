@@ -35,6 +35,9 @@ from .engine import Aborted
 
 LOOKAHEAD = 8  # tokens a sequence may run ahead of its reader before it sits out steps
 GROUP_CHUNK_MAX = 256  # first chunks up to this long may share a decode with equal ones
+# Prefill decodes per step beside the decoding sequences' one: each reads all the weights,
+# so a step of many short prompts' chunks would cost the decoding sequences as much as a long one.
+PREFILL_CALLS = 2
 POLL = 0.02  # seconds between a waiting caller's looks at its context
 EXIT_WAIT = 1.0  # seconds close() waits for the thread at interpreter exit
 
@@ -231,8 +234,9 @@ class Scheduler:
             self._decode(group)
         # Prefill: the call served longest ago goes first, then by arrival.
         waiting = sorted((j for j in jobs if j.done < len(j.prompt)), key=lambda j: j.usage.served)
-        spent = 0
-        while waiting and spent < self.chunk:
+        spent = calls = 0
+        while waiting and spent < self.chunk and calls < PREFILL_CALLS:
+            calls += 1
             first = waiting.pop(0)
             n = len(self._next_chunk(first))
             group = [first]
