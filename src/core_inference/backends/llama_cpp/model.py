@@ -294,8 +294,9 @@ class LlamaCppModel(BaseModel):
                     sched.submit(job)
                 sched.wait_any(list(live.values()), ctx)
                 for key, job in list(live.items()):
-                    if job.error is not None:
-                        sched.wait_any([job], ctx)  # raises the call's own end first, else the error
+                    if job.error is not None:  # the call's own end first, else the engine's error
+                        self._raise_if_ended(ctx, "during the call")
+                        raise job.error
                     final = job.finished  # read first: once set, every token is in job.out
                     new = sched.take(job)
                     wants_no_more = on_tokens(key, job, new, final) if new or final else False
