@@ -8,7 +8,6 @@ them together: continuous batching with chunked prefill at fixed chunk boundarie
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import deque
@@ -439,10 +438,8 @@ class LlamaCppModel(BaseModel):
 
     def _close_engine(self) -> None:
         if self._sched is not None and not self._sched.shutdown():
-            return  # interpreter exit with the thread stuck mid-step: the process frees it all
-        if not self._engine_lock.acquire(timeout=1.0 if sys.is_finalizing() else -1):
-            return  # the same, the thread stopped while it held the lock
-        try:
+            return  # interpreter exit: its thread may be frozen mid-step; the process frees it all
+        with self._engine_lock:
             if self._batch_ctx is not None:
                 self._batch_ctx.free()
                 self._batch_ctx = None
@@ -451,8 +448,6 @@ class LlamaCppModel(BaseModel):
                 self._ctx = None
             if self._model is not None:
                 self._model.free()
-        finally:
-            self._engine_lock.release()
 
 
 def _round_up(n: int, k: int) -> int:

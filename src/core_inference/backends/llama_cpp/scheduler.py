@@ -39,7 +39,6 @@ GROUP_CHUNK_MAX = 256  # first chunks up to this long may share a decode with eq
 # so a step of many short prompts' chunks would cost the decoding sequences as much as a long one.
 PREFILL_CALLS = 2
 POLL = 0.02  # seconds between a waiting caller's looks at its context
-EXIT_WAIT = 1.0  # seconds close() waits for the thread at interpreter exit
 
 
 class Usage:
@@ -121,9 +120,9 @@ class Scheduler:
         Waits for the running step (it may be using the job), so the sequence id is free
         for the next call once this returns.
         """
-        if not self._lock.acquire(timeout=EXIT_WAIT if sys.is_finalizing() else -1):
-            return  # interpreter exit, the thread stuck mid-step: the process frees it all
-        try:
+        if sys.is_finalizing():
+            return  # interpreter exit: the thread may be frozen holding a lock; the process frees it all
+        with self._lock:
             with self._cond:
                 job.released = True
                 if job in self._jobs:
@@ -132,8 +131,6 @@ class Scheduler:
             if not self._freed:
                 job.lctx.clear_seq(job.seq)
             job.sampler.free()
-        finally:
-            self._lock.release()
 
     def next_token(self, job: Job) -> int | None:
         """The job's next sampled token, None once it has no more; raises if its call ended."""
@@ -180,17 +177,18 @@ class Scheduler:
     def shutdown(self) -> bool:
         """Stop the thread (called by close before the contexts are freed); False if it would not.
 
-        At interpreter exit a daemon thread never runs again once it needs the GIL, so
-        it is given a moment and then left: the caller must not free what it may be using.
+        At interpreter exit a daemon thread never runs again once it needs the GIL (and may
+        hold a lock as it stops), so nothing is waited for: the caller must not free what it
+        may be using, and the process frees it all.
         """
+        if sys.is_finalizing():
+            return False
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(EXIT_WAIT if sys.is_finalizing() else None)
-            if thread.is_alive():
-                return False
+            thread.join()
         self._freed = True
         return True
 
