@@ -1,4 +1,4 @@
-"""Rows for continuous batching on the ``llama_cpp`` backend (issue 14, items 1 and 4).
+"""The ``llama_cpp_batching`` suite: continuous batching on the ``llama_cpp`` backend (issue 14).
 
 Concurrent streams against ``batch_generate`` on the same prompts and model, the
 slowest stream's time between tokens among 16 against one stream alone, and how soon
@@ -8,14 +8,15 @@ side is ours: the reference each target names is measured in the same run.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
-from .harness import BenchConfig, BenchError, Row, Side, Target
-from .llama_cpp_suite import BATCH_PROMPTS, PARAGRAPH
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .llama_cpp_suite import BATCH_PROMPTS, PARAGRAPH, _versions, _why_unavailable
 
 DEADLINE = 0.2  # seconds given to each call of the deadline row
 LONG_PROMPT_TOKENS = 1000
@@ -169,14 +170,30 @@ def deadline_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
     )
 
 
-def rows(path: str, cfg: BenchConfig) -> list[Callable[[ExitStack], Row]]:
-    """The row makers, for ``llama_cpp_suite``'s list (each loads its own model)."""
-    return [
+def _rows(cfg: BenchConfig) -> Iterator[Row]:
+    from ..default_model import default_model_path
+
+    path = cfg.model or str(default_model_path(progress=False))
+    makers: list[Callable[[ExitStack], Row]] = [
         lambda s: concurrency_row(path, cfg, s, 4),
         lambda s: concurrency_row(path, cfg, s, 16),
         lambda s: inter_token_row(path, cfg, s, 16),
         lambda s: deadline_row(path, cfg, s),
     ]
+    for make in makers:
+        with ExitStack() as stack:  # each row's model is freed before the next row
+            row = make(stack)
+            row.info.update({"model": os.path.basename(path), "threads": cfg.threads})
+            yield row
 
 
-__all__ = ["concurrency_row", "deadline_row", "inter_token_row", "rows"]
+SUITE = Suite(
+    name="llama_cpp_batching",
+    engine="none: every side is ours, each target against its reference in the same run",
+    rows=_rows,
+    why_unavailable=_why_unavailable,
+    versions=_versions,
+)
+
+
+__all__ = ["SUITE", "concurrency_row", "deadline_row", "inter_token_row"]

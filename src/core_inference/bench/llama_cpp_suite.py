@@ -489,9 +489,6 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             lambda s: _batch_row(model, llm, cfg, s),
             lambda s: _classify_row(model, llm, cfg),
         ]
-        from .llama_cpp_batching import rows as batching_rows
-
-        makers += batching_rows(path, cfg)  # continuous batching: each loads its own model
         for make in makers:
             with ExitStack() as row_stack:  # what a row loads is freed before the next row
                 row = make(row_stack)
