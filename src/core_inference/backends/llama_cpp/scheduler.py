@@ -22,9 +22,11 @@ Imported only when the ``llama_cpp`` backend loads a model (it drives ``engine.p
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -100,6 +102,7 @@ class Scheduler:
         self._stopping = False
         self._freed = False
         self.steps = 0
+        _live.add(self)
 
     # -- callers ------------------------------------------------------------------------
 
@@ -174,6 +177,15 @@ class Scheduler:
         if job.error is not None:
             raise job.error
 
+    def stop_thread(self) -> None:
+        """Stop the thread once its step is done (jobs stay; a new submit would start it again)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
     def shutdown(self) -> bool:
         """Stop the thread (called by close before the contexts are freed); False if it would not.
 
@@ -182,13 +194,11 @@ class Scheduler:
         may be using, and the process frees it all.
         """
         if sys.is_finalizing():
-            return False
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
             thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            if thread is not None and thread.is_alive():
+                return False
+        else:
+            self.stop_thread()
         self._freed = True
         return True
 
@@ -336,5 +346,21 @@ class Scheduler:
         for usage in {id(j.usage): j.usage for j in group}.values():
             setattr(usage, what, getattr(usage, what) + seconds)
 
+
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+def _stop_at_exit() -> None:
+    """Stop every scheduler's thread before the interpreter finalizes.
+
+    Daemon threads keep running C code while the process tears down; one inside
+    ``llama_decode`` then meets llama.cpp's freed globals (a segfault at exit). At
+    ``atexit`` they can still finish their step, so they are stopped there.
+    """
+    for sched in list(_live):
+        sched.stop_thread()
+
+
+atexit.register(_stop_at_exit)
 
 __all__ = ["Job", "Scheduler", "Usage"]
