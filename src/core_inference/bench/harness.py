@@ -232,6 +232,7 @@ ENTRY_POINT_GROUP = "core_inference.bench_suites"
 BUILTIN_SUITES: dict[str, str] = {
     "core": "core_inference.bench.core_suite:SUITE",
     "llama_cpp": "core_inference.bench.llama_cpp_suite:SUITE",
+    "llama_cpp_batching": "core_inference.bench.llama_cpp_batching:SUITE",
     "torch": "core_inference.bench.torch_suite:SUITE",
     "mlx": "core_inference.bench.mlx_suite:SUITE",
     "server": "core_inference.bench.server_suite:SUITE",
