@@ -154,12 +154,14 @@ def test_batch_is_one_submission(model: Any) -> None:
 def test_refused_settings_are_load_errors_with_vllm_reason(
     vllm_tiny: Path, before: set[int], options: dict[str, Any], words: str
 ) -> None:
+    running = children()
     began = time.monotonic()
     with pytest.raises(ModelLoadError) as err:
         load(vllm_tiny, engine_options=options)
     assert words.lower() in str(err.value).lower(), str(err.value)
     assert time.monotonic() - began < 120  # refused at start-up, not a hang (here: 0 to 15 s)
     assert err.value.path == str(vllm_tiny)
+    assert settles(lambda: not children() - running), "a refused load left a process behind"
 
 
 def test_our_own_option_errors(vllm_tiny: Path) -> None:

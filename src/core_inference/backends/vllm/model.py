@@ -214,13 +214,10 @@ class VllmModel(BaseModel):
         self._engine: Any = None
         self._tok: Any = None
         self._tap: _SchedulerTap | None = None
-        self._eos: frozenset[int] = frozenset(self.folder.eos_token_ids)
         try:
             self.engine_loop().run(self._start(kw, bind))
             self._tok = self._live().get_tokenizer()
             self._bos_text = str(self._tok.bos_token or "")
-            if self._tok.eos_token_id is not None:
-                self._eos |= {int(self._tok.eos_token_id)}
             self._template = (
                 None if self.folder.chat_template else builtin_template(self.model_type, self._has_token)
             )
