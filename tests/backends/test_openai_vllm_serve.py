@@ -30,10 +30,10 @@ from core_inference.testing import BackendContract
 REPO = Path(__file__).resolve().parents[2]
 VLLM = REPO / ".venv-vllm" / "bin" / "python"
 httpx2 = pytest.importorskip("httpx2", reason="needs core-inference[openai]")
-if not VLLM.exists():
+if not (REPO / ".venv-vllm" / ".installed").exists():  # the Makefile's stamp: built and complete
     _why = REPO / ".venv-vllm" / ".unavailable"
     pytest.skip(
-        f"{VLLM} is missing: "
+        ".venv-vllm is not built: "
         + (_why.read_text().strip() if _why.exists() else "`make test` builds .venv-vllm"),
         allow_module_level=True,
     )
