@@ -75,9 +75,6 @@ class RayUnavailable(BackendUnavailable):
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.reason,), self.__dict__)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.reason,))
-
 
 def _ray() -> Any:
     """The ``ray`` module, or ``RayUnavailable`` chaining the import's own error."""

@@ -29,7 +29,7 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_path: Path) -> Iterator[LlamaCppModel]:
-    m = LlamaCppBackend().load_model(model_path, parallel_slots=4, context_len=2048, threads=1)
+    m = LlamaCppBackend().load_model(model_path, parallel_slots=4, context_len=2048)
     assert isinstance(m, LlamaCppModel)
     yield m
     m.close()
@@ -48,9 +48,7 @@ def test_a_slow_consumer_does_not_slow_the_reported_decode(model: LlamaCppModel)
     wall = time.perf_counter() - began
     assert slow.finish_reason == "length"
     assert slow.metrics.total_duration == pytest.approx(wall, rel=0.1)
-    # The engine decodes up to 8 tokens ahead of a busy reader, so its time overlaps the
-    # reader's sleeps rather than adding to them; the 1.5 s of sleeping is never counted.
-    assert slow.metrics.decode_duration < wall
+    assert slow.metrics.decode_duration < wall - 1.2  # 1.5 s of it was the consumer's
     ratio = slow.metrics.decode_tokens_per_sec / fast.metrics.decode_tokens_per_sec
     assert 0.25 < ratio < 4, (slow.metrics, fast.metrics)  # the engine's speed either way
 

@@ -160,8 +160,7 @@ class Context:
         self.n_ctx = int(L.llama_n_ctx(self.ptr))
         self.n_seq = n_seq
         self.per_seq = self.n_ctx // n_seq
-        # llama.cpp lowers n_batch to n_ctx; a batch of more tokens than it keeps fails an assert
-        self.n_batch = min(n_batch, int(L.llama_n_batch(self.ptr)))
+        self.n_batch = n_batch
         self.memory = L.llama_get_memory(self.ptr)
         self.batch = Batch(n_batch)
         self.decode_calls = 0  # how many batches went through the model (for tests and stats)

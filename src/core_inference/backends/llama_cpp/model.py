@@ -1,17 +1,16 @@
 """The ``llama_cpp`` backend: GGUF models through llama-cpp-python's low-level bindings.
 
-Sampling runs in llama.cpp's C sampler chain (no Python pass over the vocabulary; a
-greedy pick is an argmax over the logits in place). Every stream, ``classify`` and
-``batch_generate`` of a model is a job of its scheduler (``scheduler.py``), which decodes
-them together: continuous batching with chunked prefill at fixed chunk boundaries.
+Sampling runs in llama.cpp's C sampler chain (no Python pass over the vocabulary),
+prompts are prefilled in chunks with the context checked between them, ``classify``
+packs prompts as separate sequences of one batch, and ``batch_generate`` decodes every
+prompt together, one batch per step.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -35,9 +34,12 @@ from ...types import (
 )
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
-PREFILL_CHUNK = 512  # prompt tokens per chunk, cut at multiples of it whatever else runs
-CLASSIFY_SEQS = 32  # prompts of one classify in flight at once
-BATCH_SEQS = 64  # prompts of one batch_generate decoded together (llama.cpp allows 256)
+PREFILL_CHUNK = 512  # prompt tokens per decode while a stream has the model to itself (one n_batch)
+SHARED_PREFILL_CHUNK = 128  # ... and while other streams wait for their next token
+WATCH_PREFILL_OVER = SHARED_PREFILL_CHUNK  # longer prompts are watched: cancel or close stops a decode
+WATCH_INTERVAL = 0.01  # seconds between the watcher's looks at the call's context
+CLASSIFY_SEQS = 32  # prompts packed into one classify batch
+BATCH_SEQS = 64  # prompts decoded together by one batch_generate step (llama.cpp allows 256)
 MAX_CONTEXT_TOKENS = 0xFFFFFFFF  # llama.cpp's n_ctx is a uint32
 
 
@@ -45,7 +47,7 @@ class LlamaCppModel(BaseModel):
     """A GGUF model loaded in llama.cpp, serving ``parallel_slots`` sequences at once."""
 
     def __init__(self, path: str, header: GGUFHeader, cfg: LoadConfig) -> None:
-        from . import engine, scheduler
+        from . import engine
 
         slots = cfg.parallel_slots or 1
         try:
@@ -65,23 +67,19 @@ class LlamaCppModel(BaseModel):
         self.threads = cfg.threads or cpu_count()
         self.prefill_chunk = chunk
         self._engine = engine
-        self._scheduler = scheduler
         self._engine_lock = threading.Lock()  # one llama.cpp call at a time on this model
         self._batch_lock = threading.Lock()  # one classify/batch_generate at a time on _batch_ctx
+        self._abort_lock = threading.Lock()  # guards _armed: which call may abort the running decode
+        self._armed: object | None = None
         self._model: Any = None
         self._ctx: Any = None
         self._batch_ctx: Any = None
-        self._sched: Any = None
         self._free_seqs = list(range(slots))
         try:
             self._model = engine.Model(path, cfg.gpu_layers)
             train = self._model.n_ctx_train or DEFAULT_CONTEXT
             self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
-            n_batch = min(max(512, chunk, slots), 4096)
-            self._ctx = self._model.new_context(self.context_len * slots, slots, n_batch, self.threads)
-            # every stream, classify and batch_generate of this model decodes in its steps
-            self._sched = scheduler.Scheduler(self._model, min(max(1, chunk), n_batch),
-                                              self._engine_lock, self._closed)
+            self._ctx = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
             self._template = self._find_template()
             bos = self._model.bos
             self._bos_text = self._model.special_text(bos) if bos >= 0 and self._model.adds_bos else ""
@@ -157,46 +155,136 @@ class LlamaCppModel(BaseModel):
     def _decode_stream(
         self, text: str, stop: frozenset[int], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> Iterator[Piece]:
-        """One stream as a job of the model's scheduler: its tokens come as the steps go."""
         tokens = self._prompt_tokens(text)
-        llama, model, sched = self._ctx, self._model, self._sched
+        llama, model = self._ctx, self._model
+        clock = time.perf_counter
         seq = self._free_seqs.pop()
-        sampler = job = None
-        usage = self._scheduler.Usage()
-        rec.prefill_duration = 0.0  # this call's own decodes, not the waits for its turn
+        sampler = None
         try:
-            sampler = self._engine.Sampler(cfg, model.n_vocab)
+            sampler = self._engine.Sampler(cfg, self._model.n_vocab)
             sampler.accept_all(tokens)
-            room = min(llama.per_seq, self.context_len) - len(tokens)
+            with self._engine_lock:
+                llama.clear_seq(seq)
+            tid = self._prefill(tokens, seq, ctx, sampler, rec)
+            rec.prefill_done(len(tokens))
+            pos = len(tokens)
+            room = min(llama.per_seq, self.context_len) - pos
             limit = min(cfg.max_tokens, room)
-            job = self._scheduler.Job(llama, seq, tokens, sampler, limit, stop, usage, ctx)
-            sched.submit(job)
-            n = 0
-            while True:
-                tid = sched.next_token(job)
-                if n == 0:
-                    rec.prefill_done(len(tokens))
-                    rec.prefill_duration = usage.prefill
-                rec.decode_duration = usage.decode
-                if tid is None or model.is_eog(tid) or tid in stop:
+            batch = llama.batch
+            decode = 0.0  # this call's own decode time: its decodes only, never a neighbour's
+            rec.decode_duration = 0.0
+            for n in range(1, limit + 1):
+                if model.is_eog(tid) or tid in stop:
                     break
-                n += 1
                 yield tid, model.piece(tid)
                 if n == limit:
                     if limit == room:
                         rec.finish_reason = "context_full"
                     break
+                with self._engine_lock:  # decode and sample together: logits belong to the last decode
+                    t = clock()
+                    batch.clear()
+                    batch.add(tid, pos, seq, True)
+                    llama.decode()
+                    tid = sampler.sample(llama, 0)
+                    decode += clock() - t
+                rec.decode_duration = decode
+                pos += 1
         finally:
-            if job is None:
-                if sampler is not None:
-                    sampler.free()
-            else:
-                if job.done < len(tokens):
-                    rec.prompt_tokens = job.done  # how far prefill got, if it was cut short
-                    rec.prefill_duration = usage.prefill
-                sched.release(job)
+            if sampler is not None:
+                sampler.free()
+            with self._engine_lock:
+                if self._ctx is not None:
+                    llama.clear_seq(seq)
             self._free_seqs.append(seq)
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
+
+    def _prefill(
+        self, tokens: list[int], seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder
+    ) -> int:
+        """Decode the prompt in chunks, checking the context between them; sample the first token.
+
+        A stream alone on the model prefills ``prefill_chunk`` tokens a decode; while other
+        streams wait for their next token, chunks shrink to ``SHARED_PREFILL_CHUNK`` so that
+        they get turns. A long prompt is watched meanwhile: its context ending, or
+        ``close()``, stops llama.cpp inside the running decode, not after it.
+        """
+        llama = self._ctx
+        clock = time.perf_counter
+        rec.prefill_duration = 0.0  # this call's own decodes, not the waits for its turn
+        with self._watch(llama, ctx, len(tokens) > WATCH_PREFILL_OVER) as me:
+            start = 0
+            while start < len(tokens):
+                self._raise_if_ended(ctx, "during prefill")
+                alone = len(self._free_seqs) >= self._slots.size - 1
+                step = self.prefill_chunk if alone else min(self.prefill_chunk, SHARED_PREFILL_CHUNK)
+                chunk = tokens[start : start + max(1, min(step, llama.n_batch))]
+                with self._engine_lock:
+                    began = clock()
+                    batch = llama.batch
+                    batch.clear()
+                    for i, t in enumerate(chunk):
+                        batch.add(t, start + i, seq, start + i == len(tokens) - 1)
+                    try:
+                        self._decode_armed(llama, me, ctx)
+                        start += len(chunk)
+                        rec.prompt_tokens = start  # how far prefill got, if it is cut short
+                        if start >= len(tokens):
+                            return int(sampler.sample(llama, batch.n - 1))
+                    finally:
+                        rec.prefill_duration += clock() - began
+        raise ValueError("prompt: no tokens to decode")
+
+    def _raise_if_ended(self, ctx: Context, when: str) -> None:
+        """``Cancelled``/``DeadlineExceeded`` if ``ctx`` ended, ``ModelClosed`` ("model closed <when>")."""
+        ctx.raise_if_done()
+        if self._closed.is_set():
+            raise ModelClosed(f"model closed {when}")
+
+    def _decode_armed(self, llama: Any, me: object | None, ctx: Context) -> None:
+        """``llama.decode()`` that the watcher of call ``me`` may abort (under the engine lock)."""
+        if me is None:
+            llama.decode()
+            return
+        with self._abort_lock:
+            self._armed = me
+        try:
+            llama.decode()
+        except self._engine.Aborted:
+            self._raise_if_ended(ctx, "during prefill")
+            raise  # not reached: only the watcher aborts, and only once the call has ended
+        finally:
+            with self._abort_lock:
+                self._armed = None
+                llama.clear_abort()
+
+    @contextmanager
+    def _watch(self, llama: Any, ctx: Context, wanted: bool) -> Iterator[object | None]:
+        """A thread that aborts this call's running decode once ``ctx`` ends or the model closes.
+
+        Yields the call's token for ``_decode_armed`` (None when not watched: short prompts,
+        or an engine without an abort callback). The abort flag belongs to the context, which
+        all slots share, so the watcher sets it only while this call's decode is the armed one.
+        """
+        if not (wanted and llama.abortable):
+            yield None
+            return
+        me, done = object(), threading.Event()
+
+        def watch() -> None:
+            while not done.wait(WATCH_INTERVAL):
+                if ctx.done() or self._closed.is_set():
+                    with self._abort_lock:
+                        if self._armed is me:
+                            llama.abort()
+
+        watcher = threading.Thread(target=watch, name="core-inference prefill watch", daemon=True)
+        watcher.start()
+        try:
+            yield me
+        finally:
+            done.set()
+            watcher.join()
 
     # -- classify and batch generation -------------------------------------------------
 
@@ -206,106 +294,17 @@ class LlamaCppModel(BaseModel):
         return sum(c.decode_calls for c in (self._ctx, self._batch_ctx) if c is not None)
 
     def _batch_context(self, n_seq: int, per_seq: int) -> Any:
-        """A context for packed batches, grown (recreated) when a call needs more room.
-
-        Only the call holding ``_batch_turn`` has sequences on it, and it grows it before
-        submitting any, so the scheduler never runs on a context being replaced.
-        """
+        """A context for packed batches, grown (recreated) when a call needs more room."""
         have = self._batch_ctx
         if have is not None and have.n_seq >= n_seq and have.per_seq >= per_seq:
             return have
-        with self._engine_lock:
-            if have is not None:
-                have.free()
-                self._batch_ctx = None
-            per_seq = max(per_seq, have.per_seq if have else 0)
-            n_seq = max(n_seq, have.n_seq if have else 0)
-            n_batch = min(max(self.prefill_chunk, n_seq, 512), 4096)
-            # llama.cpp lowers n_batch to a smaller n_ctx: no prompt is cut differently for it,
-            # as every prompt is shorter than its sequence (and so than n_ctx)
-            self._batch_ctx = self._model.new_context(n_seq * per_seq, n_seq, n_batch, self.threads)
+        if have is not None:
+            have.free()
+        per_seq = max(per_seq, have.per_seq if have else 0)
+        n_seq = max(n_seq, have.n_seq if have else 0)
+        n_batch = min(max(512, n_seq), 4096)
+        self._batch_ctx = self._model.new_context(n_seq * per_seq, n_seq, n_batch, self.threads)
         return self._batch_ctx
-
-    def _seq_cells(self, need: int) -> int:
-        """Cells per sequence of the batch context for ``need`` tokens: a multiple of 256.
-
-        llama.cpp attends over the cells in use rounded up to 256, or all of a sequence's
-        cells if it has fewer, and where that count differs logits differ in the last
-        bits; so batch sequences get what the streams' (larger) sequences would attend
-        over, never more room than the context.
-        """
-        return min(_round_up(need, 256), max(self.context_len, 1))
-
-    @contextmanager
-    def _batch_turn(self, ctx: Context) -> Iterator[None]:
-        """Hold the batch context: classify and batch_generate calls take turns on it.
-
-        They use its sequences 0..n-1 (and may grow it, freeing the old one), so two at
-        once would mix their sequences. Their steps are shared with the streams all the
-        same. The wait ends early if the call's context ends or the model closes.
-        """
-        while not self._batch_lock.acquire(timeout=0.02):
-            self._raise_if_ended(ctx, "while waiting for the batch context")
-        try:
-            yield
-        finally:
-            self._batch_lock.release()
-
-    def _raise_if_ended(self, ctx: Context, when: str) -> None:
-        """``Cancelled``/``DeadlineExceeded`` if ``ctx`` ended, ``ModelClosed`` ("model closed <when>")."""
-        ctx.raise_if_done()
-        if self._closed.is_set():
-            raise ModelClosed(f"model closed {when}")
-
-    def _run_jobs(
-        self,
-        encoded: dict[int, list[int]],
-        llama: Any,
-        cfg: GenerateConfig,
-        limit: Callable[[int], int],
-        on_tokens: Callable[[int, Any, list[int], bool], bool],
-        ctx: Context,
-        usage: Any,
-    ) -> None:
-        """Run one job per prompt on ``llama``'s sequences, as many at once as it has.
-
-        ``on_tokens(key, job, new, final)`` gets each prompt's tokens as they come (``final``:
-        they are its last) and returns True once that prompt wants no more (a stop string);
-        a finished prompt's sequence goes to the next one waiting.
-        """
-        sched = self._sched
-        waiting = deque(encoded)
-        free = list(range(llama.n_seq))[::-1]
-        live: dict[int, Any] = {}
-        try:
-            while waiting or live:
-                while waiting and free:
-                    key = waiting.popleft()
-                    sampler = self._engine.Sampler(cfg, self._model.n_vocab)
-                    try:
-                        sampler.accept_all(encoded[key])
-                        job = self._scheduler.Job(llama, free.pop(), encoded[key], sampler, limit(key),
-                                                  frozenset(), usage, ctx, cfg.return_logits)
-                    except BaseException:
-                        sampler.free()
-                        raise
-                    live[key] = job
-                    sched.submit(job)
-                sched.wait_any(list(live.values()), ctx)
-                for key, job in list(live.items()):
-                    if job.error is not None:  # the call's own end first, else the engine's error
-                        self._raise_if_ended(ctx, "during the call")
-                        raise job.error
-                    final = job.finished  # read first: once set, every token is in job.out
-                    new = sched.take(job)
-                    wants_no_more = on_tokens(key, job, new, final) if new or final else False
-                    if wants_no_more or final:
-                        del live[key]
-                        sched.release(job)
-                        free.append(job.seq)
-        finally:
-            for job in live.values():
-                sched.release(job)
 
     def _classify(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
@@ -318,22 +317,16 @@ class LlamaCppModel(BaseModel):
             except ContextLengthExceeded as exc:  # one prompt too long does not sink the batch
                 errors[i] = exc
         done: dict[int, tuple[Token, Any]] = {}
-        usage = self._scheduler.Usage()
-
-        def got(key: int, job: Any, new: list[int], final: bool) -> bool:
-            if not new:
-                return True
-            tid = new[0]
-            done[key] = (Token(tid, self._model.piece(tid).decode("utf-8", "replace")), job.logits)
-            rec.first_token = rec.first_token or time.perf_counter()
-            return True
-
-        if encoded:
-            per_seq = self._seq_cells(max(map(len, encoded.values())) + 1)
-            with self._batch_turn(ctx):
-                llama = self._batch_context(min(len(encoded), CLASSIFY_SEQS), per_seq)
-                self._run_jobs(encoded, llama, cfg, lambda _: 1, got, ctx, usage)
-        rec.prefill_duration = usage.prefill
+        keys = list(encoded)
+        rec.prefill_duration = 0.0
+        with self._batch_turn(ctx):
+            for start in range(0, len(keys), CLASSIFY_SEQS):
+                group = keys[start : start + CLASSIFY_SEQS]
+                began = time.perf_counter()
+                out = self._classify_group([encoded[k] for k in group], cfg, ctx)
+                rec.prefill_duration += time.perf_counter() - began
+                done.update(zip(group, out, strict=True))
+                rec.first_token = rec.first_token or time.perf_counter()
         rec.prompt_tokens = sum(map(len, encoded.values()))
         rec.generated_tokens = len(done)
         rec.prefill_end = time.perf_counter()
@@ -350,6 +343,63 @@ class LlamaCppModel(BaseModel):
             results.append(ClassifyResult(token, logits, len(encoded[i]), mine))
         return results
 
+    @contextmanager
+    def _batch_turn(self, ctx: Context) -> Iterator[None]:
+        """Hold the batch context: classify and batch_generate calls take turns on it.
+
+        They pack their prompts as sequences 0..n-1 of one shared context (which a
+        call may also grow, freeing the old one), so two at once would mix their
+        sequences. The wait ends early if the call's context ends or the model closes.
+        """
+        while not self._batch_lock.acquire(timeout=0.02):
+            self._raise_if_ended(ctx, "while waiting for the batch context")
+        try:
+            yield
+        finally:
+            self._batch_lock.release()
+
+    def _classify_group(
+        self, group: list[list[int]], cfg: GenerateConfig, ctx: Context
+    ) -> list[tuple[Token, Any]]:
+        ctx.raise_if_done()
+        per_seq = _round_up(max(map(len, group)) + 1, 64)
+        with self._engine_lock:
+            llama = self._batch_context(CLASSIFY_SEQS, per_seq)
+            outputs = self._pack_prefill(llama, group, ctx)
+            out = []
+            for index in outputs:
+                sampler = self._engine.Sampler(cfg, self._model.n_vocab)
+                try:
+                    tid = sampler.sample(llama, index)
+                finally:
+                    sampler.free()
+                logits = llama.logits(index, self._model.n_vocab) if cfg.return_logits else None
+                text = self._model.piece(tid).decode("utf-8", "replace")
+                out.append((Token(tid, text), logits))
+            for seq in range(len(group)):
+                llama.clear_seq(seq)
+        return out
+
+    def _pack_prefill(self, llama: Any, prompts: list[list[int]], ctx: Context) -> list[int]:
+        """Prefill prompts as sequences 0..n-1, packed into as few batches as fit.
+
+        Returns, per prompt, the batch index of its last position's logits. Only the
+        last batch's outputs are readable, so every prompt's last token goes there.
+        """
+        batch = llama.batch
+        lasts = [(seq, len(p) - 1, p[-1]) for seq, p in enumerate(prompts)]
+        bodies = [(seq, pos, t) for seq, p in enumerate(prompts) for pos, t in enumerate(p[:-1])]
+        for start in range(0, len(bodies), llama.n_batch):
+            ctx.raise_if_done()
+            batch.clear()
+            for seq, pos, t in bodies[start : start + llama.n_batch]:
+                batch.add(t, pos, seq, False)
+            llama.decode()
+        batch.clear()
+        outputs = [batch.add(t, pos, seq, True) for seq, pos, t in lasts]
+        llama.decode()
+        return outputs
+
     def _batch_generate(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> list[BatchResult]:
@@ -363,33 +413,14 @@ class LlamaCppModel(BaseModel):
         recs = {k: MetricsRecorder(start=rec.start) for k in encoded}
         finishers = {k: TokenFinisher(cfg, recs[k]) for k in encoded}
         tokens: dict[int, list[Token]] = {k: [] for k in encoded}
-        usage = self._scheduler.Usage()
+        rec.prefill_duration = rec.decode_duration = 0.0
         if encoded and cfg.max_tokens:
-            # room for the longest prompt and max_tokens, but never more than the context
-            longest = max(map(len, encoded.values()))
-            per_seq = self._seq_cells(longest + cfg.max_tokens + 1)
+            keys = list(encoded)
             with self._batch_turn(ctx):
-                llama = self._batch_context(min(len(encoded), BATCH_SEQS), per_seq)
-                # as generate: no position past the context
-                room = {k: min(llama.per_seq, self.context_len) - len(p) for k, p in encoded.items()}
-
-                def got(key: int, job: Any, new: list[int], final: bool) -> bool:
-                    fin = finishers[key]
-                    for tid in new:
-                        if self._model.is_eog(tid):
-                            tokens[key] += fin.end()
-                            return True
-                        tokens[key] += fin.push(tid, self._model.piece(tid))
-                        if fin.finish_reason is not None:
-                            return True
-                    if final and job.produced >= room[key]:
-                        tokens[key] += fin.end("context_full")
-                    return False
-
-                self._run_jobs(encoded, llama, cfg, lambda k: min(cfg.max_tokens, room[k]), got, ctx, usage)
-        rec.prefill_duration, rec.decode_duration = usage.prefill, usage.decode
+                for start in range(0, len(keys), BATCH_SEQS):
+                    group = keys[start : start + BATCH_SEQS]
+                    self._decode_together(group, encoded, finishers, tokens, cfg, ctx, rec)
         rec.prompt_tokens = sum(map(len, encoded.values()))
-        rec.prefill_end = time.perf_counter()
         rec.generated_tokens = sum(f.count for f in finishers.values())
         rec.decoded_tokens = rec.generated_tokens - sum(1 for f in finishers.values() if f.count)
         rec.first_token = min((r.first_token for r in recs.values() if r.first_token), default=0.0)
@@ -406,6 +437,72 @@ class LlamaCppModel(BaseModel):
             results.append(BatchResult(tuple(tokens[i]), None, fin.finish_reason or "length", fin.stop,
                                        len(encoded[i]), mine))
         return results
+
+    def _decode_together(
+        self,
+        keys: list[int],
+        encoded: dict[int, list[int]],
+        finishers: dict[int, TokenFinisher],
+        tokens: dict[int, list[Token]],
+        cfg: GenerateConfig,
+        ctx: Context,
+        rec: MetricsRecorder,
+    ) -> None:
+        """Decode up to ``BATCH_SEQS`` prompts together, one batch per step.
+
+        Each prompt's tokens go through its own ``TokenFinisher`` as they are sampled, so
+        a prompt stops at its stop string (matched on whole UTF-8 text, across tokens)
+        or stop id the step it appears, exactly as ``generate`` would stop.
+        """
+        prompts = [encoded[k] for k in keys]
+        clock = time.perf_counter
+        # room for the longest prompt and max_tokens, but never more than the context
+        per_seq = _round_up(min(max(map(len, prompts)) + cfg.max_tokens + 1, self.context_len), 64)
+        samplers = [self._engine.Sampler(cfg, self._model.n_vocab) for _ in keys]
+        try:
+            for s, p in zip(samplers, prompts, strict=True):
+                s.accept_all(p)
+            with self._engine_lock:
+                began = clock()
+                llama = self._batch_context(len(keys), per_seq)
+                outputs = self._pack_prefill(llama, prompts, ctx)
+                rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - began
+            rec.prefill_done(rec.prompt_tokens + sum(map(len, prompts)))
+            live = {seq: (outputs[seq], len(prompts[seq])) for seq in range(len(keys))}
+            seq_end = min(llama.per_seq, self.context_len)  # as generate: no position past the context
+            while live:
+                self._raise_if_ended(ctx, "during batch_generate")
+                with self._engine_lock:
+                    began = clock()
+                    picks = {seq: samplers[seq].sample(llama, idx) for seq, (idx, _) in live.items()}
+                    llama.batch.clear()
+                    nxt = {}
+                    for seq, tid in picks.items():
+                        key, pos = keys[seq], live[seq][1]
+                        fin = finishers[key]
+                        if self._model.is_eog(tid):
+                            tokens[key] += fin.end()
+                            continue
+                        tokens[key] += fin.push(tid, self._model.piece(tid))
+                        if fin.finish_reason is not None:
+                            continue
+                        if pos + 1 >= seq_end:
+                            tokens[key] += fin.end("context_full")
+                            continue
+                        nxt[seq] = (llama.batch.add(tid, pos, seq, True), pos + 1)
+                    if nxt:
+                        llama.decode()
+                    for seq in set(live) - set(nxt):
+                        llama.clear_seq(seq)
+                    live = nxt
+                    rec.decode_duration = (rec.decode_duration or 0.0) + clock() - began
+        finally:
+            for s in samplers:
+                s.free()
+            with self._engine_lock:
+                if self._batch_ctx is not None:
+                    for seq in range(len(keys)):
+                        self._batch_ctx.clear_seq(seq)
 
     # -- errors --------------------------------------------------------------------------
 
@@ -437,8 +534,6 @@ class LlamaCppModel(BaseModel):
         )
 
     def _close_engine(self) -> None:
-        if self._sched is not None and not self._sched.shutdown():
-            return  # interpreter exit: its thread may be frozen mid-step; the process frees it all
         with self._engine_lock:
             if self._batch_ctx is not None:
                 self._batch_ctx.free()

@@ -15,7 +15,8 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -108,6 +109,7 @@ class _Call:
     """One request's running state (what its chunks have said so far)."""
 
     carry: str = ""  # text that came in a chunk without ids, for the next token
+    ids: list[int] = field(default_factory=list)  # every id streamed so far (for splitting text)
     emitted: int = 0
     finish: str | None = None
     completion_tokens: int | None = None
@@ -302,7 +304,12 @@ class OpenAIModel(BaseModel):
             async for chunk in events:
                 delta = parse_chunk(chunk, chat, mode)
                 self._note(delta, rec, call)
-                for piece in self._pieces(delta, call):
+                pieces = self._pieces(delta, call)
+                if len(pieces) > 1 and self.flavor:
+                    pieces = await self._split(pieces, call)
+                if delta.ids:
+                    call.ids.extend(delta.ids)
+                for piece in pieces:
                     call.emitted += 1
                     if call.emitted >= cfg.max_tokens:
                         # The last token asked for: read the usage the server sends after it
@@ -352,6 +359,28 @@ class OpenAIModel(BaseModel):
         pieces: list[Piece] = [(i, "") for i in delta.ids[:-1]]
         pieces.append((delta.ids[-1], text))
         return pieces
+
+    async def _split(self, pieces: list[Piece], call: _Call) -> list[Piece]:
+        """Each id of a chunk that carried several (a server that fell behind its reader) with
+        its own text, from the server's detokenizer over the stream so far, so a stream's tokens
+        do not depend on how the server happened to chunk them. Where the texts do not add up
+        (a character split across ids, a detokenizer that trims), the chunk's text stays on
+        its last id."""
+        ids = [tid for tid, _ in pieces]
+        whole = b"".join(text if isinstance(text, bytes) else str(text).encode() for _, text in pieces)
+        try:
+            texts = [await self._adetokenize(call.ids + ids[:j]) if call.ids or j else ""
+                     for j in range(len(ids) + 1)]
+        except (InferenceError, OSError):
+            return pieces
+        if any(t.endswith("\ufffd") for t in texts) or not all(
+            b.startswith(a) for a, b in pairwise(texts)
+        ):
+            return pieces
+        split: list[Piece] = [(tid, texts[j + 1][len(texts[j]):]) for j, tid in enumerate(ids)]
+        if "".join(texts[j + 1][len(texts[j]):] for j in range(len(ids))).encode() != whole:
+            return pieces
+        return split
 
     # -- classify and batch: concurrent requests with a bound -------------------------
 
