@@ -114,6 +114,7 @@ _AUTHOR = {
     "Piece": "core_inference.streaming",
     "TokenFinisher": "core_inference.streaming",
     "BatchBook": "core_inference.streaming",
+    "classify_results": "core_inference.streaming",
     "finish_tokens": "core_inference.streaming",
     "afinish_tokens": "core_inference.streaming",
     "engine_seed": "core_inference.streaming",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import codecs
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from .context import Context
 from .errors import InferenceError, ModelClosed
-from .types import BatchResult, GenerateConfig, GenerateMetrics, Token
+from .types import BatchResult, ClassifyResult, GenerateConfig, GenerateMetrics, Token
 
 
 class Utf8Holdback:
@@ -318,6 +318,27 @@ class BatchBook:
             results.append(BatchResult(tuple(self.tokens[i]), None, fin.finish_reason or "length", fin.stop,
                                        len(encoded[i]), mine))
         return results
+
+
+def classify_results(
+    count: int, encoded: dict[int, list[int]], errors: dict[int, BaseException],
+    done: Mapping[int, tuple[Token, Sequence[float] | None]], rec: MetricsRecorder,
+) -> list[ClassifyResult]:
+    """A native ``classify`` call's results, in order: each prompt's token (and logits row), or
+    its own error; the call's totals go into ``rec`` (its prefill end and memory set first)."""
+    rec.prompt_tokens = sum(map(len, encoded.values()))
+    rec.generated_tokens = len(done)
+    rec.decode_duration, rec.decoded_tokens = 0.0, 0
+    batch = rec.finish()
+    results = []
+    for i in range(count):
+        if i in errors:
+            results.append(ClassifyResult(Token(-1, ""), None, 0, batch, errors[i]))
+            continue
+        token, logits = done[i]
+        mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=1)
+        results.append(ClassifyResult(token, logits, len(encoded[i]), mine))
+    return results
 
 
 def finish_tokens(

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 from ...context import Context
@@ -20,7 +19,7 @@ from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelC
 from ...formats.gguf import GGML_TYPES, GGUFHeader
 from ...memory import cpu_count, process_memory
 from ...model import BaseModel
-from ...streaming import MetricsRecorder, Piece, TokenFinisher
+from ...streaming import BatchBook, MetricsRecorder, Piece, TokenFinisher, classify_results
 from ...templates import builtin_template, no_template_error, render_jinja
 from ...types import (
     BatchResult,
@@ -327,21 +326,9 @@ class LlamaCppModel(BaseModel):
                 rec.prefill_duration += time.perf_counter() - began
                 done.update(zip(group, out, strict=True))
                 rec.first_token = rec.first_token or time.perf_counter()
-        rec.prompt_tokens = sum(map(len, encoded.values()))
-        rec.generated_tokens = len(done)
         rec.prefill_end = time.perf_counter()
-        rec.decode_duration, rec.decoded_tokens = 0.0, 0
         rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
-        batch = rec.finish()
-        results = []
-        for i in range(len(prompts)):
-            if i in errors:
-                results.append(ClassifyResult(Token(-1, ""), None, 0, batch, errors[i]))
-                continue
-            token, logits = done[i]
-            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=1)
-            results.append(ClassifyResult(token, logits, len(encoded[i]), mine))
-        return results
+        return classify_results(len(prompts), encoded, errors, done, rec)
 
     @contextmanager
     def _batch_turn(self, ctx: Context) -> Iterator[None]:
@@ -410,33 +397,15 @@ class LlamaCppModel(BaseModel):
                 encoded[i] = self._prompt_tokens(p)
             except Exception as exc:  # one bad prompt does not sink the batch
                 errors[i] = exc
-        recs = {k: MetricsRecorder(start=rec.start) for k in encoded}
-        finishers = {k: TokenFinisher(cfg, recs[k]) for k in encoded}
-        tokens: dict[int, list[Token]] = {k: [] for k in encoded}
-        rec.prefill_duration = rec.decode_duration = 0.0
+        book = BatchBook(encoded, errors, cfg, rec)
         if encoded and cfg.max_tokens:
             keys = list(encoded)
             with self._batch_turn(ctx):
                 for start in range(0, len(keys), BATCH_SEQS):
                     group = keys[start : start + BATCH_SEQS]
-                    self._decode_together(group, encoded, finishers, tokens, cfg, ctx, rec)
-        rec.prompt_tokens = sum(map(len, encoded.values()))
-        rec.generated_tokens = sum(f.count for f in finishers.values())
-        rec.decoded_tokens = rec.generated_tokens - sum(1 for f in finishers.values() if f.count)
-        rec.first_token = min((r.first_token for r in recs.values() if r.first_token), default=0.0)
+                    self._decode_together(group, encoded, book.finishers, book.tokens, cfg, ctx, rec)
         rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
-        batch = rec.finish()
-        results = []
-        for i in range(len(prompts)):
-            if i in errors:
-                results.append(BatchResult(err=errors[i], finish_reason="error", metrics=batch))
-                continue
-            fin, first = finishers[i], recs[i].first_token
-            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=fin.count,
-                           time_to_first_token=first - rec.start if first else 0.0)
-            results.append(BatchResult(tuple(tokens[i]), None, fin.finish_reason or "length", fin.stop,
-                                       len(encoded[i]), mine))
-        return results
+        return book.results(len(prompts))
 
     def _decode_together(
         self,

@@ -21,7 +21,6 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -29,7 +28,7 @@ from ...context import Context
 from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelClosed, ModelLoadError
 from ...formats.hf import HFFolder
 from ...model import BaseModel
-from ...streaming import BatchBook, MetricsRecorder, Piece, TokenFinisher, engine_seed
+from ...streaming import BatchBook, MetricsRecorder, Piece, TokenFinisher, classify_results, engine_seed
 from ...templates import BUILTIN_TEMPLATES, builtin_template, no_template_error, render_jinja
 from ...types import (
     BatchResult,
@@ -318,21 +317,9 @@ class MlxModel(BaseModel):
             rec.prefill_duration += time.perf_counter() - began
             done.update(zip(group, out, strict=True))
             rec.first_token = rec.first_token or time.perf_counter()
-        rec.prompt_tokens = sum(map(len, encoded.values()))
-        rec.generated_tokens = len(done)
         rec.prefill_end = time.perf_counter()
-        rec.decode_duration, rec.decoded_tokens = 0.0, 0
         self._read_memory(rec)
-        batch = rec.finish()
-        results = []
-        for i in range(len(prompts)):
-            if i in errors:
-                results.append(ClassifyResult(Token(-1, ""), None, 0, batch, errors[i]))
-                continue
-            token, logits = done[i]
-            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=1)
-            results.append(ClassifyResult(token, logits, len(encoded[i]), mine))
-        return results
+        return classify_results(len(prompts), encoded, errors, done, rec)
 
     def _classify_group(
         self, group: list[list[int]], cfg: GenerateConfig

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelC
 from ...formats.hf import HFFolder
 from ...memory import cpu_count, process_memory
 from ...model import BaseModel
-from ...streaming import BatchBook, MetricsRecorder, Piece, TokenFinisher
+from ...streaming import BatchBook, MetricsRecorder, Piece, TokenFinisher, classify_results
 from ...templates import builtin_template, no_template_error, render_jinja
 from ...types import (
     BatchResult,
@@ -366,21 +365,9 @@ class TransformersModel(BaseModel):
                     done[key] = (Token(tid, self._piece(tid).decode("utf-8", "replace")), row)
                 rec.prefill_duration += clock() - t
             rec.first_token = rec.first_token or clock()
-        rec.prompt_tokens = sum(map(len, encoded.values()))
-        rec.generated_tokens = len(done)
         rec.prefill_end = clock()
-        rec.decode_duration, rec.decoded_tokens = 0.0, 0
         rec.active_memory_bytes, rec.peak_memory_bytes = self._memory()
-        batch = rec.finish()
-        results = []
-        for i in range(len(prompts)):
-            if i in errors:
-                results.append(ClassifyResult(Token(-1, ""), None, 0, batch, errors[i]))
-                continue
-            token, logits_row = done[i]
-            mine = replace(batch, prompt_tokens=len(encoded[i]), generated_tokens=1)
-            results.append(ClassifyResult(token, logits_row, len(encoded[i]), mine))
-        return results
+        return classify_results(len(prompts), encoded, errors, done, rec)
 
     def _batch_generate(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
