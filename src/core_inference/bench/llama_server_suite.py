@@ -1,0 +1,233 @@
+"""The ``llama_server`` suite: concurrent streams against llama.cpp's own ``llama-server`` (issue 14).
+
+The native anchor: ``llama-server -np 16`` (built from the llama.cpp that the installed
+llama-cpp-python vendors, by ``python -m core_inference.bench.llama_server``; ``make bench``
+does it) decodes its slots together. Each row is N concurrent streams (1, 4, 16), each
+asking for 48 greedy tokens of its own prompt, on the same model with the same threads:
+
+- ``llama-server -np 16`` over its ``/v1/completions`` streaming API (the reference),
+- ours through the Python API: N threads each running ``generate`` on one model loaded
+  with ``parallel_slots=16``,
+- ours through ``core-inference serve --parallel 16`` over the same HTTP API.
+
+A side's value is the aggregate tokens/s: every stream's tokens over the wall time from
+the first request to the last token. Both servers run as child processes on 127.0.0.1;
+the HTTP clients (asyncio + httpx2) run in this process. Without the binary the suite
+is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from functools import partial
+from typing import Any
+
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .llama_cpp_suite import BATCH_PROMPTS
+from .llama_server import LlamaServer, find_binary
+from .llama_server import why_unavailable as _binary_missing
+
+SLOTS = 16
+STREAMS = (1, 4, 16)
+ANSWER_TOKENS = 48
+TARGET_STREAMS = (4, 16)  # where ours must reach llama-server's aggregate
+QUICK_STREAMS = (1, 4)
+QUICK_TOKENS = 4
+ANCHOR = f"llama-server -np {SLOTS}"
+API = f"ours: Python API, {{n}} x generate, parallel_slots={SLOTS}"
+SERVE = f"ours: serve --parallel {SLOTS}"
+
+
+def prompts(n: int) -> list[str]:
+    """Stream i's prompt: a different one for each of up to 16 streams."""
+    return [BATCH_PROMPTS[i % len(BATCH_PROMPTS)] for i in range(n)]
+
+
+async def _http_stream(client: Any, url: str, body: dict[str, Any]) -> int:
+    """One streaming ``/v1/completions`` request; its completion tokens (from ``usage``
+    when the server sends it, else one per chunk with text)."""
+    chunks, usage = 0, None
+    async with client.stream("POST", url + "/completions", json=body) as r:
+        if r.status_code != 200:
+            raise BenchError(f"HTTP {r.status_code} from {url}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if "error" in data:
+                raise BenchError(f"error event from {url}: {data['error']}")
+            if data.get("usage"):
+                usage = data["usage"].get("completion_tokens")
+            chunks += sum(1 for c in data.get("choices", []) if c.get("text"))
+    return int(usage) if usage is not None else chunks
+
+
+def http_streams(url: str, bodies: list[dict[str, Any]]) -> tuple[int, float]:
+    """Every body sent at once as its own streaming request: (total tokens, wall seconds)."""
+    import httpx2
+
+    async def go() -> tuple[int, float]:
+        n = len(bodies)
+        limits = httpx2.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx2.AsyncClient(timeout=600, limits=limits) as client:
+            start = time.perf_counter()
+            got = await asyncio.gather(*(_http_stream(client, url, b) for b in bodies))
+            return sum(got), time.perf_counter() - start
+
+    return asyncio.run(go())
+
+
+def api_streams(model: Any, texts: list[str], max_tokens: int) -> tuple[int, float]:
+    """Every prompt streamed by its own thread through ``generate`` at once: (tokens, seconds)."""
+    counts = [0] * len(texts)
+    errors: list[BaseException] = []
+    go = threading.Barrier(len(texts) + 1)
+
+    def run(i: int) -> None:
+        try:
+            go.wait()
+            for _ in model.generate(texts[i], max_tokens=max_tokens):
+                counts[i] += 1
+        except BaseException as exc:  # reported below, in the caller
+            errors.append(exc)
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(len(texts))]
+    for t in pool:
+        t.start()
+    go.wait()
+    start = time.perf_counter()
+    for t in pool:
+        t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise BenchError(f"a stream failed: {errors[0]!r}")
+    return sum(counts), seconds
+
+
+def _side(record: list[dict[str, Any]], run: Callable[[], tuple[int, float]]) -> Callable[[], float]:
+    """A side's callable: run once, keep its tokens and seconds in the row's info."""
+
+    def timed() -> float:
+        tokens, seconds = run()
+        if tokens == 0:
+            raise BenchError("no tokens came back")
+        record.append({"tokens": tokens, "seconds": round(seconds, 4)})
+        return tokens / seconds
+
+    return timed
+
+
+def _rows(cfg: BenchConfig) -> Iterator[Row]:
+    import httpx2
+
+    from .. import load_model
+    from ..default_model import default_model_path
+    from ..server.process import ServerProcess
+
+    path = cfg.model or str(default_model_path(progress=False))
+    streams_list = QUICK_STREAMS if cfg.quick else STREAMS
+    tokens = QUICK_TOKENS if cfg.quick else ANSWER_TOKENS
+    with ExitStack() as stack:
+        model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
+                                               parallel_slots=SLOTS))
+        ctx_per_slot = int(model.context_len)  # llama-server gets ours' room per slot
+        anchor = stack.enter_context(LlamaServer(path, cfg.threads, SLOTS, ctx_per_slot))
+        serve = stack.enter_context(ServerProcess(
+            ["--model", path, "--parallel", str(SLOTS), "--threads", str(cfg.threads)], timeout=300))
+        served_as = httpx2.get(serve.url + "/models").json()["data"][0]["id"]
+        for n in streams_list:
+            texts = prompts(n)
+            common = {"max_tokens": tokens, "temperature": 0, "stream": True,
+                      "stream_options": {"include_usage": True}}
+            # cache_prompt off: every request prefills its prompt afresh, as ours does
+            anchor_bodies = [{"prompt": p, "cache_prompt": False, **common} for p in texts]
+            serve_bodies = [{"model": served_as, "prompt": p, **common} for p in texts]
+            runs: dict[str, list[dict[str, Any]]] = {ANCHOR: [], "api": [], "serve": []}
+            api = API.format(n=n)
+            yield Row(
+                key=f"llama_server_{n}_streams",
+                title=f"{n} concurrent stream{'s' if n > 1 else ''} x {tokens} greedy tokens, "
+                      f"vs llama-server -np {SLOTS}",
+                unit="tokens/s",
+                sides=[
+                    Side(ANCHOR, _side(runs[ANCHOR], partial(http_streams, anchor.url, anchor_bodies)),
+                         False),
+                    Side(api, _side(runs["api"], partial(api_streams, model, texts, tokens)), True),
+                    Side(SERVE, _side(runs["serve"], partial(http_streams, serve.url, serve_bodies)), True),
+                ],
+                reference=ANCHOR,
+                targets=[Target(api, ">=", 1.0, ANCHOR), Target(SERVE, ">=", 1.0, ANCHOR)]
+                if n in TARGET_STREAMS else [],
+                note="aggregate tokens/s: every stream's tokens over the wall time from the first "
+                     "request to the last token; each stream its own prompt, prefilled afresh",
+                info={"model": os.path.basename(path), "threads": cfg.threads, "streams": n,
+                      "max_tokens": tokens, "slots": SLOTS, "ctx_per_slot": ctx_per_slot,
+                      "prompts": texts, "llama_server": str(find_binary()), "runs": runs},
+            )
+
+
+def _why_unavailable() -> str | None:
+    needed = ("llama_cpp", "httpx2", "starlette", "uvicorn")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (pip install 'core-inference[server,llama-cpp]')"
+    return _binary_missing()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {}
+    for dist in ("llama-cpp-python", "httpx2"):
+        try:
+            out[dist] = version(dist)
+        except Exception:  # a version is a nicety
+            out[dist] = "?"
+    binary = find_binary()
+    out["llama-server"] = f"built from llama-cpp-python's vendored llama.cpp ({binary})"
+    return out
+
+
+SUITE = Suite(
+    name="llama_server",
+    engine=f"llama.cpp's own {ANCHOR} (the native anchor)",
+    rows=_rows,
+    why_unavailable=_why_unavailable,
+    versions=_versions,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m core_inference.bench.llama_server_suite [--quick] [--out DIR]``: this suite alone."""
+    import argparse
+    import tempfile
+
+    from .harness import register_suite
+    from .runner import run_bench
+
+    ap = argparse.ArgumentParser(description="Concurrent streams: ours against llama-server -np 16.")
+    ap.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
+    ap.add_argument("--threads", type=int, help="engine threads on every side (default: all cores)")
+    ap.add_argument("--runs", type=int, help="timed runs per side (default: 5)")
+    ap.add_argument("--quick", action="store_true", help="1 and 4 streams of 4 tokens: proves it runs")
+    ap.add_argument("--out", help="write <machine>.json and the chart here (default: not saved)")
+    ap.add_argument("--machine", help="results file name (default: <cpu>-<cores>c)")
+    args = ap.parse_args(argv)
+    register_suite(SUITE)
+    with tempfile.TemporaryDirectory(prefix="core-inference-bench-") as scratch:
+        results = run_bench(args.model, args.out or scratch, args.quick, runs=args.runs,
+                            threads=args.threads, suites=[SUITE.name], machine=args.machine)
+    failed = any(r["error"] for s in results["suites"] for r in s["rows"]) or any(
+        s.get("error") for s in results["suites"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
