@@ -7,7 +7,10 @@ sent as token ids, so ``tokenize`` is what is prefilled and a chat prompt that b
 with BOS gets no second one. Leaving a stream (break, cancel, deadline, close) closes
 vLLM's ``generate`` generator, which aborts the request inside the engine; ``classify``
 and ``batch_generate`` add every prompt's request at once, so vLLM schedules them in the
-same steps. Imported only when a model loads.
+same steps. ``classify(return_logits=True)`` asks vLLM for the whole vocabulary's raw
+logits of the sampled position (the engine runs with ``logprobs_mode="raw_logits"`` and
+``max_logprobs=-1``, which change nothing for a request that asks for no logprobs).
+Imported only when a model loads.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import vllm
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -54,6 +58,7 @@ CPU_KV_CACHE = 1 << 30  # the KV cache on the CPU build when no memory option is
 SHUTDOWN_TIMEOUT = 30.0  # seconds close() waits for the engine process to stop
 _ENV_LOCK = threading.Lock()  # environment variables read by the processes a load spawns
 _SEQ = itertools.count()
+LOGITS_MODE = "raw_logits"  # vLLM's logprobs_mode that makes a request's logprobs its raw logits
 _TAIL = 8  # ids of context for splitting a merged delta's text (SentencePiece spaces need some)
 
 
@@ -180,6 +185,11 @@ def engine_args(path: str, cfg: LoadConfig, context_len: int, platform_is_cpu: b
         "max_num_seqs": cfg.parallel_slots or DEFAULT_SLOTS,
         "disable_log_stats": True,  # our stat logger is enough; vLLM's own would print every few seconds
         "enable_log_requests": False,
+        # classify's logits: a request's logprobs are the raw logits, the whole vocabulary
+        # allowed. Both are read only for a request that asks for logprobs (vLLM's Sampler
+        # computes none otherwise), so plain generation is unchanged; see docs/vllm.md.
+        "logprobs_mode": LOGITS_MODE,
+        "max_logprobs": -1,
     }
     if platform_is_cpu:
         # eager mode: torch.compile on CPU takes minutes at every load
@@ -211,6 +221,8 @@ class VllmModel(BaseModel):
         super().__init__(int(kw.get("max_num_seqs") or DEFAULT_SLOTS))
         self.context_len = context_len
         self.engine_kw = kw
+        # classify's logits need both settings; a caller may override either through engine_args
+        self._logits = kw.get("logprobs_mode") == LOGITS_MODE and kw.get("max_logprobs") == -1
         self._engine: Any = None
         self._tok: Any = None
         self._tap: _SchedulerTap | None = None
@@ -300,7 +312,8 @@ class VllmModel(BaseModel):
 
     # -- the raw streams -----------------------------------------------------------
 
-    def _params(self, cfg: GenerateConfig, prompt_len: int, stop_ids: Sequence[int] = ()) -> Any:
+    def _params(self, cfg: GenerateConfig, prompt_len: int, stop_ids: Sequence[int] = (),
+                **extra: Any) -> Any:
         """vLLM's ``SamplingParams`` for one request: every option, deltas, no text stops.
 
         Stop strings and the caller's stop ids are matched by our ``TokenFinisher`` (which
@@ -319,6 +332,7 @@ class VllmModel(BaseModel):
             stop_token_ids=list(stop_ids),
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=True,
+            **extra,
         )
 
     def _aengine_generate(
@@ -338,10 +352,19 @@ class VllmModel(BaseModel):
         return engine
 
     async def _astream(self, ids: list[int], cfg: GenerateConfig, rec: MetricsRecorder,
-                       stop_ids: Sequence[int]) -> AsyncGenerator[Piece, None]:
-        """One vLLM request's new tokens, as each ``RequestOutput`` delta brings them."""
+                       stop_ids: Sequence[int],
+                       logits: list[np.ndarray[Any, Any]] | None = None) -> AsyncGenerator[Piece, None]:
+        """One vLLM request's new tokens, as each ``RequestOutput`` delta brings them.
+
+        With ``logits`` (a list to fill), the request also asks for every token's raw logit
+        at each position (``logprobs=-1``), and each position's row is appended as a numpy
+        float32 array of the vocabulary's size. vLLM then leaves its text to us
+        (``detokenize=False``): it would otherwise turn all the vocabulary's ids into text
+        for every position.
+        """
         engine = self._live()
-        params = self._params(cfg, len(ids), stop_ids)
+        extra = {} if logits is None else {"logprobs": -1, "flat_logprobs": True, "detokenize": False}
+        params = self._params(cfg, len(ids), stop_ids, **extra)
         rid = f"ci-{next(_SEQ)}-{uuid.uuid4().hex[:8]}"
         done = False
         seen = 0
@@ -365,13 +388,17 @@ class VllmModel(BaseModel):
                             raise EngineError(
                                 f"vLLM ended the request: {comp.finish_reason} ({comp.stop_reason})")
                     _engine_times(out.metrics, rec)
+                    if logits is not None and comp.logprobs is not None:
+                        logits.extend(self._rows(comp.logprobs))
                     seen += len(tids)
                     # A consumer slower than the engine gets several ids in one delta (vLLM merges
                     # them): each gets its own text, as it would have one at a time
                     if texts is not None:
                         pieces = [texts(t) for t in tids]
-                    else:
+                    elif params.detokenize:
                         pieces = [text] if len(tids) == 1 else self._split(tail, tids, text)
+                    else:  # vLLM made no text: each id's from decoding it after the ids before it
+                        pieces = self._split(tail, tids, None)
                     tail = (tail + tids)[-_TAIL:]
                     for tid, piece in zip(tids, pieces, strict=True):
                         yield int(tid), piece
@@ -405,10 +432,11 @@ class VllmModel(BaseModel):
 
         return step
 
-    def _split(self, tail: list[int], tids: list[int], text: str) -> list[str]:
+    def _split(self, tail: list[int], tids: list[int], text: str | None) -> list[str]:
         """Each id's text in a merged delta: what decoding one more id adds, a character
         split across ids going with the id that completes it (as vLLM's own detokenizer
-        does). Where the parts do not add up to vLLM's text, all of it goes with the last id."""
+        does). Where the parts do not add up to vLLM's text, all of it goes with the last id
+        (``text`` None: vLLM made none, and the delta's decoded text goes there)."""
         def upto(k: int) -> str:
             return str(self._tok.decode(tail + tids[:k], skip_special_tokens=True)).rstrip("\ufffd")
 
@@ -421,17 +449,35 @@ class VllmModel(BaseModel):
                 break
             out.append(cur[len(prev):])
             prev = cur
-        if len(out) == len(tids) and "".join(out) == text:
+        if len(out) == len(tids) and (text is None or "".join(out) == text):
             return out
+        if text is None:
+            text = str(self._tok.decode(tids, skip_special_tokens=True))
         return [""] * (len(tids) - 1) + [text]
+
+    def _rows(self, flat: Any) -> list[np.ndarray[Any, Any]]:
+        """Each position's logits, dense over the vocabulary, from vLLM's ``FlatLogprobs``
+        (per position: the sampled id first, then every id of the vocabulary by rank)."""
+        rows = []
+        for start, end in zip(flat.start_indices, flat.end_indices, strict=True):
+            ids = np.asarray(flat.token_ids[start:end], dtype=np.int64)
+            vals = np.asarray(flat.logprobs[start:end], dtype=np.float32)  # float32 on the worker: exact
+            size = max(int(self.folder.vocab_size or 0), int(ids.max()) + 1 if ids.size else 0)
+            row = np.full(size, -np.inf, dtype=np.float32)
+            row[ids] = vals
+            rows.append(row)
+        return rows
 
     # -- classify and batch: every prompt's request added at once ---------------------
 
     def _classify(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> list[ClassifyResult]:
-        if cfg.return_logits:
-            raise ValueError("return_logits: the vllm backend gives no logits (capabilities.logits is False)")
+        if cfg.return_logits and not self._logits:
+            raise ValueError(
+                "return_logits: this vllm model was loaded with engine_args that override "
+                f"logprobs_mode={LOGITS_MODE!r} or max_logprobs=-1, which classify's logits need "
+                "(capabilities.logits is False)")
         return self.engine_loop().run(self._aclassify(prompts, cfg, rec), ctx, self._closed)
 
     async def _aclassify(self, prompts: list[str], cfg: GenerateConfig,
@@ -441,10 +487,13 @@ class VllmModel(BaseModel):
         async def one(prompt: str) -> ClassifyResult:
             sub = MetricsRecorder()
             got: list[Piece] = []
+            rows: list[np.ndarray[Any, Any]] | None = [] if cfg.return_logits else None
             try:
                 ids = self._prompt_tokens(prompt)
-                async for piece in self._astream(ids, one_token, sub, ()):
+                async for piece in self._astream(ids, one_token, sub, (), rows):
                     got.append(piece)
+                if rows is not None and not rows:
+                    raise EngineError("vLLM returned no logits for a request that asked for them")
             except Exception as exc:
                 return ClassifyResult(Token(-1, ""), err=self._mapped(exc), metrics=sub.finish())
             tid, text = got[-1] if got else (-1, "")
@@ -452,7 +501,8 @@ class VllmModel(BaseModel):
             sub.first_token = sub.end = time.perf_counter()
             rec.prompt_tokens += sub.prompt_tokens
             rec.generated_tokens += 1
-            return ClassifyResult(Token(tid, str(text)), None, sub.prompt_tokens, sub.finish())
+            row: Any = rows[-1] if rows else None  # a float32 array, as the other backends give
+            return ClassifyResult(Token(tid, str(text)), row, sub.prompt_tokens, sub.finish())
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
@@ -513,7 +563,7 @@ class VllmModel(BaseModel):
     def capabilities(self) -> Capabilities:
         return Capabilities(
             token_ids=True,
-            logits=False,
+            logits=self._logits,
             classify="native",
             batch_generate="native",
             chat_template=bool(self.folder.chat_template) or self._template is not None,
