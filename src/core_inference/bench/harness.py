@@ -97,6 +97,7 @@ class Row:
     note: str = ""
     runs: int | None = None  # overrides BenchConfig.runs (e.g. for slow rows)
     info: dict[str, Any] = field(default_factory=dict)  # facts worth keeping: prompt sizes, settings
+    skipped: str | None = None  # why the row was not run here (e.g. no GPU); its sides never run
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,11 @@ def interleaved_order(n_sides: int, round_index: int) -> list[int]:
 
 def measure_row(row: Row, cfg: BenchConfig, echo: Echo | None = None) -> dict[str, Any]:
     """Warm up, time every side interleaved, and summarise the row as a JSON-ready dict."""
+    if row.skipped is not None:  # not an error: the row cannot run on this machine, and says why
+        result = summarise(row, {s.name: [] for s in row.sides})
+        if echo is not None:
+            echo(_one_line(result))
+        return result
     runs = max(1, row.runs if row.runs is not None else cfg.runs)
     values: dict[str, list[float]] = {s.name: [] for s in row.sides}
     names = [s.name for s in row.sides]
@@ -168,7 +174,7 @@ def summarise(row: Row, values: dict[str, list[float]], error: str | None = None
     """Medians, spreads and ratios (plain and paired per round) of measured values."""
     sides = []
     complete = error is None and all(values[s.name] for s in row.sides)
-    ref = values[row.reference]
+    ref = values.get(row.reference, [])
     for s in row.sides:
         got = values[s.name]
         entry: dict[str, Any] = {"name": s.name, "ours": s.ours, "values": got}
@@ -192,7 +198,7 @@ def summarise(row: Row, values: dict[str, list[float]], error: str | None = None
     return {
         "key": row.key, "title": row.title, "unit": row.unit, "higher_is_better": row.higher_is_better,
         "reference": row.reference, "sides": sides, "targets": targets, "note": row.note,
-        "info": dict(row.info), "error": error,
+        "info": dict(row.info), "error": error, "skipped": row.skipped,
     }
 
 
@@ -210,6 +216,8 @@ def _ratio(a: float, b: float) -> float:
 def _one_line(result: dict[str, Any]) -> str:
     if result["error"]:
         return f"  {result['key']}: FAILED: {result['error']}"
+    if result.get("skipped"):
+        return f"  {result['key']}: skipped: {result['skipped']}"
     parts = [f"{s['name']} {fmt(s['median'])}" for s in result["sides"] if "median" in s]
     marks = [f"[{'met' if t['met'] else 'MISSED'}: {t['text']} ({fmt(t['value'])})]"
              for t in result["targets"] if t["met"] is not None]

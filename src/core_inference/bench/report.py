@@ -50,6 +50,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 def _row_lines(row: dict[str, Any]) -> list[str]:
     if row["error"]:
         return [f"| {row['title']} | **failed**: {row['error']} | | | |"]
+    if row.get("skipped"):  # not run on this machine (e.g. no GPU): the table says why
+        return [f"| {row['title']} | not run: {row['skipped']} | | | |"]
     out = []
     for i, side in enumerate(row["sides"]):
         title = row["title"] if i == 0 else ""
@@ -87,12 +89,17 @@ def draw_chart(results: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return f"matplotlib is not installed, so no chart was drawn ({CHART_EXTRA})"
-    rows = [r for s in results["suites"] for r in s.get("rows", []) if not r["error"]]
+    done = [r for s in results["suites"] for r in s.get("rows", []) if not r["error"]]
+    rows = [r for r in done if not r.get("skipped")]
     if not rows:
         return "no row finished, so there is nothing to chart"
+    not_run = [f"not run: {r['title']}: {r['skipped']}"
+               for s in results["suites"] for r in s.get("rows", []) if r.get("skipped")]
     cols = 2
     nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(13, 2.3 * nrows + 1), squeeze=False)
+    notes = [textwrap.fill(n, 150) for n in not_run]
+    extra = 0.18 * sum(n.count("\n") + 1 for n in notes)  # inches for the not-run lines at the bottom
+    fig, axes = plt.subplots(nrows, cols, figsize=(13, 2.3 * nrows + 1 + extra), squeeze=False)
     for ax, row in zip(axes.flat, rows, strict=False):
         _panel(ax, row)
     for ax in list(axes.flat)[len(rows):]:
@@ -103,7 +110,11 @@ def draw_chart(results: dict[str, Any], path: Path) -> str | None:
         f"{results['date'][:10]} (bold: ours; medians of {results['config']['runs']} interleaved runs)",
         fontsize=10,
     )
-    fig.tight_layout()
+    if notes:  # rows that could not run here (e.g. no GPU) are named under the panels
+        fig.text(0.01, 0.005, "\n".join(notes), fontsize=7, va="bottom", ha="left")
+        fig.tight_layout(rect=(0, extra / fig.get_figheight() + 0.005, 1, 1))
+    else:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

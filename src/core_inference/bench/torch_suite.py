@@ -132,19 +132,6 @@ def _batch_row(model: Any, cfg: BenchConfig) -> Row:
         Side(f"ours: {len(prompts)} x generate, one after another", _timed(ours_sequential), True),
         Side("model.generate on the left-padded batch", _timed(hf_batched), False),
     ]
-    if hasattr(hf, "generate_batch") and model.device.type == "cuda":  # its paged cache is for GPUs
-        from transformers import GenerationConfig
-
-        gen_cfg: Any = GenerationConfig(  # type: ignore[no-untyped-call]
-            max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=model._pad
-        )
-
-        def hf_continuous() -> int:
-            with torch.inference_mode():
-                out = hf.generate_batch(inputs=rows, generation_config=gen_cfg, progress_bar=False)
-            return sum(len(r.generated_tokens) for r in out.values())
-
-        sides.append(Side("model.generate_batch (continuous batching)", _timed(hf_continuous), False))
     ref = "model.generate on the left-padded batch"
     return Row(
         key="batch_generate",
@@ -159,49 +146,174 @@ def _batch_row(model: Any, cfg: BenchConfig) -> Row:
     )
 
 
-def _classify_row(model: Any, cfg: BenchConfig) -> Row:
+CLASSIFY_OURS = "ours: classify (batched)"
+
+
+def _classify_sides(model: Any, sentences: list[str], seen: dict[str, Any]) -> tuple[Side, Side]:
+    """Ours and the reference (what a user writes with transformers: the tokenizer pads the
+    batch on the left, one forward pass with ``logits_to_keep=1``, argmax), on the same rows per
+    batch. Each records its greedy ids; ``seen["same_greedy_token"]`` counts where they agree."""
     import torch
 
     from ..backends.transformers.model import CLASSIFY_ROWS
 
-    sentences = _sentences(cfg.classify_sentences)
     hf, tok = model._model, model._tok
-    encoded = [model.tokenize(s) for s in sentences]
     groups = [sentences[i : i + CLASSIFY_ROWS] for i in range(0, len(sentences), CLASSIFY_ROWS)]
+    picks: dict[str, list[int]] = {}
+
+    def agree(side: str, ids: list[int]) -> int:
+        picks[side] = ids
+        if len(picks) == 2:
+            a, b = picks.values()
+            seen["same_greedy_token"] = f"{sum(x == y for x, y in zip(a, b, strict=True))}/{len(a)}"
+        return len(ids)
 
     def ours() -> int:
-        return len(model.classify(sentences))
-
-    def ours_each() -> int:
-        return sum(len(model.classify([s])) for s in sentences)
+        return agree("ours", [r.token.id for r in model.classify(sentences)])
 
     def engine() -> int:
-        picks = 0
+        ids: list[int] = []
         with torch.inference_mode():
             for group in groups:
                 batch = tok(group, padding=True, padding_side="left", return_tensors="pt").to(model.device)
                 pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
                 logits = hf(**batch, position_ids=pos, logits_to_keep=1).logits
-                picks += len(logits[:, -1].argmax(-1).tolist())
-        return picks
+                ids += logits[:, -1].argmax(-1).tolist()
+        return agree("engine", ids)
 
     name = f"tokenizer(batch, padding left) + forward, batches of {CLASSIFY_ROWS}, argmax"
-    lengths = [len(e) for e in encoded]
+    return Side(CLASSIFY_OURS, _timed(ours), True), Side(name, _timed(engine), False)
+
+
+def _classify_row(model: Any, cfg: BenchConfig) -> Row:
+    sentences = _sentences(cfg.classify_sentences)
+    lengths = [len(model.tokenize(s)) for s in sentences]
+    seen: dict[str, Any] = {"sentences": len(sentences), "mean_tokens": sum(lengths) / len(lengths)}
+    ours, engine = _classify_sides(model, sentences, seen)
+
+    def ours_each() -> int:
+        return sum(len(model.classify([s])) for s in sentences)
+
     return Row(
         key="classify",
         title=f"classify, {len(sentences)} sentences of ~{sum(lengths) / len(lengths):.0f} tokens",
         unit="sentences/s",
-        sides=[Side("ours: classify (batched)", _timed(ours), True),
-               Side("ours: classify, one sentence per call", _timed(ours_each), True),
-               Side(name, _timed(engine), False)],
-        reference=name,
-        targets=[Target("ours: classify (batched)", ">=", 0.97, name)]
-        # the rate the seed's classification consumer needs, on an NVIDIA GPU
-        + ([Target("ours: classify (batched)", ">=", 5000.0)] if model.device.type == "cuda" else []),
+        sides=[ours, Side("ours: classify, one sentence per call", _timed(ours_each), True), engine],
+        reference=engine.name,
+        targets=[Target(CLASSIFY_OURS, ">=", 0.97, engine.name)],
         note="both sides tokenize, pad on the left, run one forward pass per batch and pick the greedy "
         "token; ours also sorts prompts by length (less padding) and builds a Token per sentence",
-        info={"sentences": len(sentences), "mean_tokens": sum(lengths) / len(lengths)},
+        info=seen,
     )
+
+
+# -- the cuda rows: on an NVIDIA GPU (bfloat16); elsewhere listed as not run, with the reason ----
+
+CUDA_CLASSIFY_RATE = 5000.0  # sentences/s: the rate the seed's classification consumer needs
+CUDA_CLASSIFY_SENTENCES = 4096  # a GPU at 5,000/s takes under a second per run
+CUDA_BATCH_PROMPTS, CUDA_BATCH_TOKENS = 64, 128
+CUDA_BATCH_OURS, GENERATE_BATCH = "ours: batch_generate", "model.generate_batch (continuous batching)"
+
+
+def _not_run(name: str) -> Side:
+    def run() -> float:
+        raise BenchError(f"{name}: this row is not run here")
+
+    return Side(name, run, name.startswith("ours"))
+
+
+def _cuda_classify_row(model: Any | None, cfg: BenchConfig, why: str | None = None) -> Row:
+    """classify on the GPU against the same forward pass written with transformers, and against
+    5,000 sentences/s. ``model`` None: the row is listed as not run, ``why``."""
+    from ..backends.transformers.model import CLASSIFY_ROWS
+
+    n = cfg.classify_sentences if cfg.quick else max(cfg.classify_sentences, CUDA_CLASSIFY_SENTENCES)
+    sentences = _sentences(n)
+    seen: dict[str, Any] = {"sentences": n, "dtype": "bfloat16 (the cuda backend's default)"}
+    ref = f"tokenizer(batch, padding left) + forward, batches of {CLASSIFY_ROWS}, argmax"
+    if model is None:
+        sides: tuple[Side, Side] = (_not_run(CLASSIFY_OURS), _not_run(ref))
+    else:
+        sides = _classify_sides(model, sentences, seen)
+        lengths = [len(model.tokenize(s)) for s in sentences]
+        seen.update(mean_tokens=sum(lengths) / len(lengths), dtype=str(model.dtype), device=str(model.device))
+    return Row(
+        key="cuda_classify",
+        title=f"cuda: classify, {n} sentences",
+        unit="sentences/s",
+        sides=list(sides),
+        reference=sides[1].name,
+        targets=[Target(CLASSIFY_OURS, ">=", CUDA_CLASSIFY_RATE),
+                 Target(CLASSIFY_OURS, ">=", 0.97, sides[1].name)],
+        note="on an NVIDIA GPU in bfloat16: the seed's classification consumer needs 5,000 sentences/s; "
+        "the reference is the same left-padded forward pass written with transformers directly",
+        info=seen,
+        skipped=why if model is None else None,
+    )
+
+
+def _cuda_batch_row(model: Any | None, cfg: BenchConfig, why: str | None = None) -> Row:
+    """batch_generate on the GPU against transformers' continuous batching (``generate_batch``).
+    ``model`` None: the row is listed as not run, ``why``."""
+    k = cfg.batch_prompts if cfg.quick else max(cfg.batch_prompts, CUDA_BATCH_PROMPTS)
+    n = cfg.batch_tokens if cfg.quick else max(cfg.batch_tokens, CUDA_BATCH_TOKENS)
+    prompts = [BATCH_PROMPTS[i % len(BATCH_PROMPTS)] + ("" if i < len(BATCH_PROMPTS) else f" ({i})")
+               for i in range(k)]
+    seen: dict[str, Any] = {"prompts": k, "max_tokens": n}
+    if model is None:
+        sides = [_not_run(CUDA_BATCH_OURS), _not_run(GENERATE_BATCH)]
+    else:
+        sides = _cuda_batch_sides(model, prompts, n, seen)
+    return Row(
+        key="cuda_batch_generate",
+        title=f"cuda: batch_generate, {k} prompts x {n} tokens",
+        unit="tokens/s",
+        sides=sides,
+        reference=GENERATE_BATCH,
+        targets=[Target(CUDA_BATCH_OURS, ">=", 0.97, GENERATE_BATCH)],
+        note="aggregate generated tokens/s, greedy, on an NVIDIA GPU in bfloat16; both sides stop a "
+        "prompt at the model's end-of-text ids or max_tokens; generate_batch is called as a user "
+        "would (a manager per call, its default warm-up)",
+        info=seen,
+        skipped=why if model is None else None,
+    )
+
+
+def _cuda_batch_sides(model: Any, prompts: list[str], n: int, seen: dict[str, Any]) -> list[Side]:
+    import torch
+    from transformers import GenerationConfig
+
+    hf = model._model
+    rows = [model.tokenize(p) for p in prompts]
+    gen_cfg: Any = GenerationConfig(  # type: ignore[no-untyped-call]
+        max_new_tokens=n, do_sample=False, eos_token_id=sorted(model._stops), pad_token_id=model._pad
+    )
+
+    def ours() -> int:
+        results = model.batch_generate(prompts, max_tokens=n)
+        errors = [r.err for r in results if r.err is not None]
+        if errors:
+            raise BenchError(f"batch_generate: {errors[0]}")
+        counts = [len(r.tokens) for r in results]
+        seen["batch_generate_tokens"] = sum(counts)
+        return sum(counts)
+
+    def continuous() -> int:
+        with torch.inference_mode():
+            out = hf.generate_batch(inputs=rows, generation_config=gen_cfg, progress_bar=False)
+        # its outputs keep the end-of-text id that ended a request; ours does not count it
+        counts = [sum(1 for t in r.generated_tokens if t not in model._stops) for r in out.values()]
+        seen["generate_batch_tokens"] = sum(counts)
+        return sum(counts)
+
+    return [Side(CUDA_BATCH_OURS, _timed(ours), True), Side(GENERATE_BATCH, _timed(continuous), False)]
+
+
+def _cuda_rows(model: Any, cfg: BenchConfig) -> list[Row]:
+    """The cuda rows on ``model`` where it runs on a GPU, else both listed as not run, saying why."""
+    why = None if model.device.type == "cuda" else f"no CUDA device here ({_gpu_note()})"
+    on = model if why is None else None
+    return [_cuda_classify_row(on, cfg, why), _cuda_batch_row(on, cfg, why)]
 
 
 def _concurrent_row(path: str, cfg: BenchConfig) -> Row:
@@ -291,6 +403,9 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
                  "gpu": _gpu_note()}
         for make in (_decode_row, _batch_row, _classify_row):
             row = make(model, cfg)
+            row.info.update(facts)
+            yield row
+        for row in _cuda_rows(model, cfg):
             row.info.update(facts)
             yield row
     row = _concurrent_row(path, cfg)  # its own model (k slots), loaded after the first is freed

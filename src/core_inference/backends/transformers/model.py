@@ -216,15 +216,14 @@ class TransformersModel(BaseModel):
         RoPE models need only the mask to match single runs; absolute-position models
         (GPT-2, OPT...) also need the positions, so they are always given where taken.
         """
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        width, pad = max(map(len, rows)), self._pad
+        # one tensor from padded lists: a tensor and two slice writes per row cost more than the
+        # forward pass of a small batch on a GPU
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         dev = self.device
-        return ids.to(dev), mask.to(dev), positions.to(dev)
+        ids, mask = ids.to(dev), mask.to(dev)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _raise_if_ended(self, ctx: Context, when: str) -> None:
         ctx.raise_if_done()
