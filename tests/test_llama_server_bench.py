@@ -156,8 +156,9 @@ def test_the_suite_runs_end_to_end_at_tiny_sizes(tmp_path: Path) -> None:
         assert row["error"] is None, row["error"]
         assert [s["name"] for s in row["sides"]] == [ANCHOR, API.format(n=n), SERVE]
         assert row["reference"] == ANCHOR and all(s["median"] > 0 for s in row["sides"])
+        assert set(row["info"]["runs"]) == {s["name"] for s in row["sides"]}
         for name, runs in row["info"]["runs"].items():
             (run,) = runs
-            assert run["tokens"] == n * QUICK_TOKENS, (name, run)  # every stream got its tokens
+            assert run["tokens"] == row["info"]["expected_tokens"] == n * QUICK_TOKENS, (name, run)
         assert bool(row["targets"]) == (n == 4)
     assert res["suites"][0]["name"] == "llama_server"

@@ -149,8 +149,8 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             # cache_prompt off: every request prefills its prompt afresh, as ours does
             anchor_bodies = [{"prompt": p, "cache_prompt": False, **common} for p in texts]
             serve_bodies = [{"model": served_as, "prompt": p, **common} for p in texts]
-            runs: dict[str, list[dict[str, Any]]] = {ANCHOR: [], "api": [], "serve": []}
             api = API.format(n=n)
+            runs: dict[str, list[dict[str, Any]]] = {ANCHOR: [], api: [], SERVE: []}
             yield Row(
                 key=f"llama_server_{n}_streams",
                 title=f"{n} concurrent stream{'s' if n > 1 else ''} x {tokens} greedy tokens, "
@@ -159,16 +159,18 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
                 sides=[
                     Side(ANCHOR, _side(runs[ANCHOR], partial(http_streams, anchor.url, anchor_bodies)),
                          False),
-                    Side(api, _side(runs["api"], partial(api_streams, model, texts, tokens)), True),
-                    Side(SERVE, _side(runs["serve"], partial(http_streams, serve.url, serve_bodies)), True),
+                    Side(api, _side(runs[api], partial(api_streams, model, texts, tokens)), True),
+                    Side(SERVE, _side(runs[SERVE], partial(http_streams, serve.url, serve_bodies)), True),
                 ],
                 reference=ANCHOR,
                 targets=[Target(api, ">=", 1.0, ANCHOR), Target(SERVE, ">=", 1.0, ANCHOR)]
                 if n in TARGET_STREAMS else [],
                 note="aggregate tokens/s: every stream's tokens over the wall time from the first "
-                     "request to the last token; each stream its own prompt, prefilled afresh",
+                     "request to the last token; each stream its own prompt, prefilled afresh; "
+                     "info.runs has every run's tokens and seconds (warm-up runs first)",
                 info={"model": os.path.basename(path), "threads": cfg.threads, "streams": n,
-                      "max_tokens": tokens, "slots": SLOTS, "ctx_per_slot": ctx_per_slot,
+                      "max_tokens": tokens, "expected_tokens": n * tokens, "slots": SLOTS,
+                      "ctx_per_slot": ctx_per_slot,
                       "prompts": texts, "llama_server": str(find_binary()), "runs": runs},
             )
 
