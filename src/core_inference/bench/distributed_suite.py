@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
@@ -55,6 +56,27 @@ def _timed(work: Callable[[], int]) -> Callable[[], float]:
     return run
 
 
+@contextmanager
+def _own_cluster(num_cpus: int) -> Iterator[None]:
+    """A local cluster for this run whose auth token lives in the environment only: Ray
+    otherwise writes one to ``~/.ray/auth_token``, which would outlive the run. ``ray.init``
+    also sets ``RAY_AUTH_MODE``; both are as before afterwards."""
+    from ..distributed import local_cluster
+
+    names = ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    try:
+        with local_cluster(num_cpus=num_cpus):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _checked(results: list[Any], what: str) -> list[Any]:
     errors = [r.err for r in results if r.err is not None]
     if errors:
@@ -67,7 +89,7 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
 
     from .. import load_model
     from ..default_model import default_model_path
-    from ..distributed import Pool, local_cluster
+    from ..distributed import Pool
 
     path = cfg.model or str(default_model_path(progress=False))
     t = max(1, cfg.threads // 2)
@@ -78,7 +100,8 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
     n_tokens = cfg.batch_tokens
     with ExitStack() as stack:
         # both pools are held while the sides run interleaved: 3 replicas' worth of logical CPUs
-        stack.enter_context(nullcontext() if ray.is_initialized() else local_cluster(num_cpus=3 * t))
+        if not ray.is_initialized():  # else: the caller's cluster, used as it is
+            stack.enter_context(_own_cluster(3 * t))
         two = stack.enter_context(Pool(path, replicas=2, threads=t, backend="llama_cpp"))
         one = stack.enter_context(Pool(path, replicas=1, threads=t, backend="llama_cpp"))
         local = stack.enter_context(load_model(path, backend="llama_cpp", threads=2 * t))
