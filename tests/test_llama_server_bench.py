@@ -102,13 +102,22 @@ def test_availability_says_how_to_build_it(no_binary: Path, monkeypatch: pytest.
     assert ls.main(["--check"]) == 0 and capsys.readouterr().out.strip() == str(exe)
 
 
-def test_the_suite_is_skipped_saying_why_when_the_binary_is_absent(no_binary: Path, tmp_path: Path) -> None:
+def test_without_the_binary_the_rows_say_why_and_nothing_runs(no_binary: Path, tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     pytest.importorskip("httpx2")
-    res = run_bench(None, str(tmp_path), quick=True, suites=["llama_server"], machine="m", echo=None)
+    from core_inference.bench.llama_server_suite import QUICK_STREAMS
+
+    lines: list[str] = []
+    res = run_bench(None, str(tmp_path), quick=True, suites=["llama_server"], machine="m", echo=lines.append)
     (suite,) = res["suites"]
-    assert suite["skipped"] == ls.NOT_BUILT and suite["rows"] == []
-    assert "| llama_server | skipped: llama-server not built (make bench builds it) |" in markdown_table(res)
+    assert "skipped" not in suite and "error" not in suite, suite
+    assert [r["key"] for r in suite["rows"]] == [f"llama_server_{n}_streams" for n in QUICK_STREAMS]
+    for row in suite["rows"]:
+        assert row["skipped"] == ls.NOT_BUILT and row["error"] is None
+        assert all(side["values"] == [] for side in row["sides"])  # no side ran
+        assert f"  {row['key']}: skipped: llama-server not built (make bench builds it)" in lines
+        assert f"| {row['title']} | not run: {ls.NOT_BUILT} |" in markdown_table(res)
+    assert res["versions"]["llama-server"] == ls.NOT_BUILT
 
 
 def test_a_server_that_exits_at_once_is_reported_and_reaped(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ asking for 48 greedy tokens of its own prompt, on the same model with the same t
 
 A side's value is the aggregate tokens/s: every stream's tokens over the wall time from
 the first request to the last token. Both servers run as child processes on 127.0.0.1;
-the HTTP clients (asyncio + httpx2) run in this process. Without the binary the suite
-is skipped, saying so.
+the HTTP clients (asyncio + httpx2) run in this process. Without the binary the rows
+are listed as not run, saying why (nothing is loaded or started).
 """
 
 from __future__ import annotations
@@ -124,6 +124,31 @@ def _side(record: list[dict[str, Any]], run: Callable[[], tuple[int, float]]) ->
     return timed
 
 
+def _row(n: int, tokens: int, sides: list[Side], info: dict[str, Any], skipped: str | None = None) -> Row:
+    """The row for ``n`` concurrent streams (``sides``: anchor, Python API, serve)."""
+    api = API.format(n=n)
+    return Row(
+        key=f"llama_server_{n}_streams",
+        title=f"{n} concurrent stream{'s' if n > 1 else ''} x {tokens} greedy tokens, "
+              f"vs llama-server -np {SLOTS}",
+        unit="tokens/s",
+        sides=sides,
+        reference=ANCHOR,
+        targets=[Target(api, ">=", 1.0, ANCHOR), Target(SERVE, ">=", 1.0, ANCHOR)]
+        if n in TARGET_STREAMS else [],
+        note="aggregate tokens/s: every stream's tokens over the wall time from the first "
+             "request to the last token; each stream its own prompt, prefilled afresh; "
+             "info.runs has every run's tokens and seconds (warm-up runs first)",
+        info={"streams": n, "max_tokens": tokens, "expected_tokens": n * tokens, "slots": SLOTS,
+              "prompts": prompts(n), **info},
+        skipped=skipped,
+    )
+
+
+def _not_run() -> float:
+    raise BenchError("a skipped row's side was run")
+
+
 def _rows(cfg: BenchConfig) -> Iterator[Row]:
     import httpx2
 
@@ -131,9 +156,16 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
     from ..default_model import default_model_path
     from ..server.process import ServerProcess
 
-    path = cfg.model or str(default_model_path(progress=False))
     streams_list = QUICK_STREAMS if cfg.quick else STREAMS
     tokens = QUICK_TOKENS if cfg.quick else ANSWER_TOKENS
+    missing = _binary_missing()
+    if missing:  # the rows say why, and nothing is loaded or started
+        for n in streams_list:
+            sides = [Side(ANCHOR, _not_run, False), Side(API.format(n=n), _not_run, True),
+                     Side(SERVE, _not_run, True)]
+            yield _row(n, tokens, sides, {"threads": cfg.threads}, skipped=missing)
+        return
+    path = cfg.model or str(default_model_path(progress=False))
     with ExitStack() as stack:
         model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
                                                parallel_slots=SLOTS))
@@ -151,28 +183,14 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             serve_bodies = [{"model": served_as, "prompt": p, **common} for p in texts]
             api = API.format(n=n)
             runs: dict[str, list[dict[str, Any]]] = {ANCHOR: [], api: [], SERVE: []}
-            yield Row(
-                key=f"llama_server_{n}_streams",
-                title=f"{n} concurrent stream{'s' if n > 1 else ''} x {tokens} greedy tokens, "
-                      f"vs llama-server -np {SLOTS}",
-                unit="tokens/s",
-                sides=[
-                    Side(ANCHOR, _side(runs[ANCHOR], partial(http_streams, anchor.url, anchor_bodies)),
-                         False),
-                    Side(api, _side(runs[api], partial(api_streams, model, texts, tokens)), True),
-                    Side(SERVE, _side(runs[SERVE], partial(http_streams, serve.url, serve_bodies)), True),
-                ],
-                reference=ANCHOR,
-                targets=[Target(api, ">=", 1.0, ANCHOR), Target(SERVE, ">=", 1.0, ANCHOR)]
-                if n in TARGET_STREAMS else [],
-                note="aggregate tokens/s: every stream's tokens over the wall time from the first "
-                     "request to the last token; each stream its own prompt, prefilled afresh; "
-                     "info.runs has every run's tokens and seconds (warm-up runs first)",
-                info={"model": os.path.basename(path), "threads": cfg.threads, "streams": n,
-                      "max_tokens": tokens, "expected_tokens": n * tokens, "slots": SLOTS,
-                      "ctx_per_slot": ctx_per_slot,
-                      "prompts": texts, "llama_server": str(find_binary()), "runs": runs},
-            )
+            sides = [
+                Side(ANCHOR, _side(runs[ANCHOR], partial(http_streams, anchor.url, anchor_bodies)), False),
+                Side(api, _side(runs[api], partial(api_streams, model, texts, tokens)), True),
+                Side(SERVE, _side(runs[SERVE], partial(http_streams, serve.url, serve_bodies)), True),
+            ]
+            yield _row(n, tokens, sides, {
+                "model": os.path.basename(path), "threads": cfg.threads, "ctx_per_slot": ctx_per_slot,
+                "llama_server": str(find_binary()), "runs": runs})
 
 
 def _why_unavailable() -> str | None:
@@ -180,7 +198,7 @@ def _why_unavailable() -> str | None:
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return f"needs {', '.join(missing)} (pip install 'core-inference[server,llama-cpp]')"
-    return _binary_missing()
+    return None  # without the binary the rows are listed as not run, saying why
 
 
 def _versions() -> dict[str, str]:
@@ -193,7 +211,8 @@ def _versions() -> dict[str, str]:
         except Exception:  # a version is a nicety
             out[dist] = "?"
     binary = find_binary()
-    out["llama-server"] = f"built from llama-cpp-python's vendored llama.cpp ({binary})"
+    out["llama-server"] = (f"built from llama-cpp-python's vendored llama.cpp ({binary})" if binary
+                           else _binary_missing() or "?")
     return out
 
 
