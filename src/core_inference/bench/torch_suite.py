@@ -311,7 +311,9 @@ def _cuda_batch_sides(model: Any, prompts: list[str], n: int, seen: dict[str, An
 
 def _cuda_rows(model: Any, cfg: BenchConfig) -> list[Row]:
     """The cuda rows on ``model`` where it runs on a GPU, else both listed as not run, saying why."""
-    why = None if model.device.type == "cuda" else f"no CUDA device here ({_gpu_note()})"
+    why = None
+    if model.device.type != "cuda":
+        why = "no CUDA device here (" + _gpu_note().removeprefix("no GPU: ") + ")"
     on = model if why is None else None
     return [_cuda_classify_row(on, cfg, why), _cuda_batch_row(on, cfg, why)]
 
