@@ -289,3 +289,27 @@ def test_results_with_errors_cross_processes() -> None:
     back = pickle.loads(pickle.dumps(distributed._portable_result(result)))
     assert isinstance(back.err, ContextLengthExceeded)
     assert (back.err.requested, back.err.limit, str(back.err)) == (100, 32, str(result.err))
+
+
+def test_the_one_call_forms_share_one_signature() -> None:
+    """The four module calls take the same parameters (written once, ``_one_call``), as
+    ``help()`` and ``inspect`` show them; a wrong option fails before any cluster starts."""
+    import inspect
+
+    calls = (distributed.batch_generate, distributed.classify, distributed.batch_generate_unordered,
+             distributed.classify_unordered)
+    shapes = {tuple(inspect.signature(f).parameters.values()) for f in calls}
+    assert len(shapes) == 1
+    names = list(inspect.signature(distributed.classify).parameters)
+    assert names[:3] == ["prompts", "opts", "model"] and names[-1] == "generate_options"
+    assert {"replicas", "threads", "backend", "address", "chunk_size", "progress", "ctx"} <= set(names)
+    assert inspect.signature(distributed.classify).return_annotation == "list[ClassifyResult]"
+    import ray
+
+    was = ray.is_initialized()
+    for call in calls:
+        with pytest.raises(ValueError, match="max_tokens"):
+            call(["x"], max_tokens=-1)
+        with pytest.raises(TypeError):
+            call(["x"], 3)  # not an option
+    assert ray.is_initialized() == was  # checked here: no cluster was started for them

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import inspect
 import itertools
 import logging
 import math
@@ -35,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import IO, Any, TypeVar
+from typing import IO, Any, ParamSpec, TypeVar
 
 from .context import Context
 from .errors import BackendUnavailable, EngineError, InferenceError, ModelLoadError
@@ -58,6 +59,8 @@ SLOW_START = 60.0  # seconds after which replicas not yet ready are reported (a 
 
 Progress = Callable[[int, int], None]
 Result = TypeVar("Result", BatchResult, ClassifyResult)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 _GENERATE_FIELDS = frozenset(f.name for f in fields(GenerateConfig))
 _LOAD_FIELDS = frozenset(f.name for f in fields(LoadConfig))
 
@@ -719,7 +722,7 @@ def _pool_args(
     return load, gen
 
 
-def batch_generate(
+def _one_call(
     prompts: Sequence[str],
     *opts: Any,
     model: str | os.PathLike[str] | None = None,
@@ -734,7 +737,67 @@ def batch_generate(
     load_options: Mapping[str, Any] | None = None,
     init_options: Mapping[str, Any] | None = None,
     **generate_options: Any,
-) -> list[BatchResult]:
+) -> None:
+    """The parameters of the module's four calls, written once: the prompts, options (load
+    options go to the pool, the rest to the calls), ``Pool``'s keywords, how the prompts are
+    sent (``chunk_size``, ``progress``, ``ctx``), and generate options by name."""
+
+
+_ONE_CALL = inspect.signature(_one_call)
+_POOL_KEYWORDS = ("replicas", "threads", "gpus", "backend", "address", "load_options", "init_options", "ctx")
+
+
+def _takes(template: Callable[_P, object]) -> Callable[[Callable[..., _R]], Callable[_P, _R]]:
+    """Give a call ``template``'s parameters: for type checkers (``ParamSpec``) and for
+    ``help()``/``inspect.signature`` (``__signature__``); the call binds them with ``_bound``."""
+    shape = inspect.signature(template)
+
+    def apply(func: Callable[..., _R]) -> Callable[_P, _R]:
+        own = inspect.signature(func)
+        func.__signature__ = shape.replace(return_annotation=own.return_annotation)  # type: ignore[attr-defined]
+        return func
+
+    return apply
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One module call's arguments, bound and checked before any cluster starts."""
+
+    prompts: Sequence[str]
+    cfg: GenerateConfig
+    model: str | os.PathLike[str] | None
+    load: list[Any]
+    pool_kw: dict[str, Any]
+    chunk_size: int
+    progress: bool | Progress
+    ctx: Context | None
+
+
+def _bound(prompts: Sequence[str], opts: tuple[Any, ...], kw: dict[str, Any]) -> _Call:
+    """Bind a call's arguments to ``_one_call``'s parameters (defaults included) and check the
+    prompts and generate options here, before any cluster starts."""
+    args = _ONE_CALL.bind(prompts, *opts, **kw)
+    args.apply_defaults()
+    a = args.arguments
+    generate_options: dict[str, Any] = a["generate_options"]
+    check_prompts(prompts)
+    load, gen = _pool_args(opts, generate_options)
+    cfg = apply_generate_opts(gen, **generate_options)
+    return _Call(prompts, cfg, a["model"], load, {k: a[k] for k in _POOL_KEYWORDS}, a["chunk_size"],
+                 a["progress"], a["ctx"])
+
+
+def _pooled(kind: str, call: _Call) -> Iterator[tuple[int, Any]]:
+    """A pool for this call alone: its results as chunks finish, then the pool closed."""
+    with Pool(call.model, *call.load, **call.pool_kw) as pool:
+        run = pool.classify_unordered if kind == "classify" else pool.batch_generate_unordered
+        yield from run(call.prompts, call.cfg, chunk_size=call.chunk_size, progress=call.progress,
+                       ctx=call.ctx)
+
+
+@_takes(_one_call)
+def batch_generate(prompts: Sequence[str], *opts: Any, **kw: Any) -> list[BatchResult]:
     """``batch_generate`` for every prompt over a Ray cluster; results in input order.
 
     ``replicas`` actors each load ``model`` (None: the default model) with ``threads``
@@ -743,113 +806,33 @@ def batch_generate(
     ``progress``: prompts done on stderr (or a callable ``(done, total)``). ``ctx``:
     cancellation and deadline (the seconds left go to the replicas).
     """
-    cfg = _checked(prompts, opts, generate_options)
-    load, _ = _pool_args(opts, generate_options)
-    with Pool(model, *load, replicas=replicas, threads=threads, gpus=gpus, backend=backend, address=address,
-              load_options=load_options, init_options=init_options, ctx=ctx) as pool:
-        return pool.batch_generate(prompts, cfg, chunk_size=chunk_size, progress=progress, ctx=ctx)
+    return _in_order(_pooled("batch_generate", _bound(prompts, opts, kw)), len(prompts))
 
 
-def classify(
-    prompts: Sequence[str],
-    *opts: Any,
-    model: str | os.PathLike[str] | None = None,
-    replicas: int = 0,
-    threads: int = 1,
-    gpus: float = 0,
-    backend: str = "",
-    address: str | None = None,
-    chunk_size: int = 0,
-    progress: bool | Progress = True,
-    ctx: Context | None = None,
-    load_options: Mapping[str, Any] | None = None,
-    init_options: Mapping[str, Any] | None = None,
-    **generate_options: Any,
-) -> list[ClassifyResult]:
+@_takes(_one_call)
+def classify(prompts: Sequence[str], *opts: Any, **kw: Any) -> list[ClassifyResult]:
     """``classify`` for every prompt over a Ray cluster; results in input order (see ``batch_generate``)."""
-    cfg = _checked(prompts, opts, generate_options)
-    load, _ = _pool_args(opts, generate_options)
-    with Pool(model, *load, replicas=replicas, threads=threads, gpus=gpus, backend=backend, address=address,
-              load_options=load_options, init_options=init_options, ctx=ctx) as pool:
-        return pool.classify(prompts, cfg, chunk_size=chunk_size, progress=progress, ctx=ctx)
+    return _in_order(_pooled("classify", _bound(prompts, opts, kw)), len(prompts))
 
 
+@_takes(_one_call)
 def batch_generate_unordered(
-    prompts: Sequence[str],
-    *opts: Any,
-    model: str | os.PathLike[str] | None = None,
-    replicas: int = 0,
-    threads: int = 1,
-    gpus: float = 0,
-    backend: str = "",
-    address: str | None = None,
-    chunk_size: int = 0,
-    progress: bool | Progress = True,
-    ctx: Context | None = None,
-    load_options: Mapping[str, Any] | None = None,
-    init_options: Mapping[str, Any] | None = None,
-    **generate_options: Any,
+    prompts: Sequence[str], *opts: Any, **kw: Any
 ) -> Iterator[tuple[int, BatchResult]]:
     """``(index, BatchResult)`` as chunks finish, each index once; the cluster lives while it runs.
 
     Leaving the loop early (or ``close()``) cancels the chunks still running and stops the
     replicas (and the local cluster, if one was started for it).
     """
-    cfg = _checked(prompts, opts, generate_options)
-    load, _ = _pool_args(opts, generate_options)
-    pool_kw: dict[str, Any] = dict(
-        replicas=replicas, threads=threads, gpus=gpus, backend=backend, address=address,
-        load_options=load_options, init_options=init_options, ctx=ctx,
-    )
-    return _pooled("batch_generate", prompts, cfg, model, load, pool_kw, chunk_size, progress, ctx)
+    return _pooled("batch_generate", _bound(prompts, opts, kw))
 
 
+@_takes(_one_call)
 def classify_unordered(
-    prompts: Sequence[str],
-    *opts: Any,
-    model: str | os.PathLike[str] | None = None,
-    replicas: int = 0,
-    threads: int = 1,
-    gpus: float = 0,
-    backend: str = "",
-    address: str | None = None,
-    chunk_size: int = 0,
-    progress: bool | Progress = True,
-    ctx: Context | None = None,
-    load_options: Mapping[str, Any] | None = None,
-    init_options: Mapping[str, Any] | None = None,
-    **generate_options: Any,
+    prompts: Sequence[str], *opts: Any, **kw: Any
 ) -> Iterator[tuple[int, ClassifyResult]]:
     """``(index, ClassifyResult)`` as chunks finish, each index once (see ``batch_generate_unordered``)."""
-    cfg = _checked(prompts, opts, generate_options)
-    load, _ = _pool_args(opts, generate_options)
-    pool_kw: dict[str, Any] = dict(
-        replicas=replicas, threads=threads, gpus=gpus, backend=backend, address=address,
-        load_options=load_options, init_options=init_options, ctx=ctx,
-    )
-    return _pooled("classify", prompts, cfg, model, load, pool_kw, chunk_size, progress, ctx)
-
-
-def _checked(prompts: Sequence[str], opts: Sequence[Any], generate_options: dict[str, Any]) -> GenerateConfig:
-    """Validate prompts and generate options here, before any cluster starts."""
-    check_prompts(prompts)
-    _, gen = _pool_args(opts, generate_options)
-    return apply_generate_opts(gen, **generate_options)
-
-
-def _pooled(
-    kind: str, prompts: Sequence[str], cfg: GenerateConfig, model: str | os.PathLike[str] | None,
-    load: list[Any], pool_kw: dict[str, Any], chunk_size: int, progress: bool | Progress, ctx: Context | None,
-) -> Iterator[tuple[int, Any]]:
-    with Pool(model, *load, **pool_kw) as pool:
-        if kind == "classify":
-            yield from pool.classify_unordered(
-                prompts, cfg, chunk_size=chunk_size, progress=progress, ctx=ctx
-            )
-        else:
-            yield from pool.batch_generate_unordered(
-                prompts, cfg, chunk_size=chunk_size, progress=progress, ctx=ctx
-            )
+    return _pooled("classify", _bound(prompts, opts, kw))
 
 
 __all__ = [
