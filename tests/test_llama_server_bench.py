@@ -79,6 +79,8 @@ def test_a_second_build_finds_the_stamp_and_runs_nothing(no_binary: Path,
     assert not ls.is_built(no_binary, "0.3.35")  # another version: built again
     (no_binary / "stamp.json").write_text(ls.stamp_for("0.3.36").replace("CURL=OFF", "CURL=ON"))
     assert not ls.is_built(no_binary, "0.3.36")  # other flags: built again
+    (no_binary / "stamp.json").write_text(ls.stamp_for("0.3.36").replace(ls.cpu_fingerprint(), "arm64:0"))
+    assert not ls.is_built(no_binary, "0.3.36")  # another CPU (the build is -march=native): built again
     binary.unlink()
     (no_binary / "stamp.json").write_text(ls.stamp_for("0.3.36"), encoding="utf-8")
     assert not ls.is_built(no_binary, "0.3.36")  # no binary: built again

@@ -113,9 +113,24 @@ def build_command(build: Path, jobs: int) -> list[str]:
     return ["cmake", "--build", str(build), "--config", "Release", "--target", TARGET, "-j", str(jobs)]
 
 
+def cpu_fingerprint() -> str:
+    """The CPU the binary is built for: GGML_NATIVE compiles for this one (-march=native)."""
+    import hashlib
+    import platform
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass  # not Linux: the architecture alone
+    return f"{platform.machine()}:{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+
+
 def stamp_for(version: str) -> str:
-    """What the stamp file holds: a change of version or flags means a rebuild."""
-    return json.dumps({"llama-cpp-python": version, "cmake": list(CMAKE_FLAGS)}, sort_keys=True)
+    """What the stamp file holds: another version, other flags or another CPU mean a rebuild."""
+    return json.dumps({"llama-cpp-python": version, "cmake": list(CMAKE_FLAGS), "cpu": cpu_fingerprint()},
+                      sort_keys=True)
 
 
 def is_built(root: Path, version: str) -> bool:
