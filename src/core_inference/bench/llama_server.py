@@ -172,7 +172,10 @@ def build(root: Path | None = None, version: str | None = None, jobs: int | None
         sources.mkdir(parents=True)
         print(f"unpacking {archive}", file=out, flush=True)
         with tarfile.open(archive) as tar:
-            tar.extractall(sources, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+: no links out, no devices
+                tar.extractall(sources, filter="data")
+            else:
+                tar.extractall(sources)  # older Pythons: the sdist pip just fetched from PyPI
         if not (source / "CMakeLists.txt").is_file():
             raise RuntimeError(f"{archive} has no vendor/llama.cpp/CMakeLists.txt")
     # The sources sit inside our own git checkout: without a ceiling, llama.cpp's build-info
