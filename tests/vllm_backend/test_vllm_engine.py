@@ -191,3 +191,19 @@ def test_close_leaves_no_process_behind(model: Any, before: set[int]) -> None:
     assert children() - before
     model.close()
     assert children() - before == set()
+
+
+def test_engine_args_ask_for_raw_logits_unless_told_otherwise() -> None:
+    """classify's logits need logprobs_mode="raw_logits" and max_logprobs=-1 (engine-wide);
+    engine_args may override them, and vLLM's batch-sharded sampling refuses max_logprobs=-1."""
+    from core_inference.backends.vllm.model import LOGITS_MODE, engine_args
+    from core_inference.types import LoadConfig
+
+    def args(**extra: Any) -> dict[str, Any]:
+        return engine_args("/m", LoadConfig(engine_options={"engine_args": extra}), CONTEXT, True)
+
+    assert (args()["logprobs_mode"], args()["max_logprobs"]) == (LOGITS_MODE, -1) == ("raw_logits", -1)
+    assert args(logprobs_mode="raw_logprobs")["logprobs_mode"] == "raw_logprobs"
+    assert args(max_logprobs=20)["max_logprobs"] == 20
+    sharded = args(enable_batch_sharded_sampling=True)
+    assert "logprobs_mode" not in sharded and "max_logprobs" not in sharded

@@ -185,12 +185,13 @@ def engine_args(path: str, cfg: LoadConfig, context_len: int, platform_is_cpu: b
         "max_num_seqs": cfg.parallel_slots or DEFAULT_SLOTS,
         "disable_log_stats": True,  # our stat logger is enough; vLLM's own would print every few seconds
         "enable_log_requests": False,
+    }
+    if not extra.get("enable_batch_sharded_sampling"):  # which vLLM refuses with max_logprobs=-1
         # classify's logits: a request's logprobs are the raw logits, the whole vocabulary
         # allowed. Both are read only for a request that asks for logprobs (vLLM's Sampler
         # computes none otherwise), so plain generation is unchanged; see docs/vllm.md.
-        "logprobs_mode": LOGITS_MODE,
-        "max_logprobs": -1,
-    }
+        args["logprobs_mode"] = LOGITS_MODE
+        args["max_logprobs"] = -1
     if platform_is_cpu:
         # eager mode: torch.compile on CPU takes minutes at every load
         args["enforce_eager"] = True
