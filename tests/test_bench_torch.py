@@ -20,8 +20,8 @@ pytest.importorskip("transformers", reason="needs core-inference[torch]")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from tests.backends.hf_tiny import make_tiny_model
 
+from backends.hf_tiny import make_tiny_model
 from core_inference.backends.transformers import TorchBackend
 from core_inference.bench import BenchConfig, Row, Side, Suite, register_suite, run_bench
 from core_inference.bench.harness import _suites, measure_row

@@ -110,6 +110,7 @@ class MetricsRecorder:
     peak_memory_bytes: int = 0
     active_memory_bytes: int = 0
     finish_reason: str = ""
+    cached_prompt_tokens: int = 0  # the first prompt tokens a kept cache already held
 
     def prefill_done(self, prompt_tokens: int) -> None:
         """Mark the end of prefill."""
@@ -137,10 +138,13 @@ class MetricsRecorder:
             decode_duration=decode,
             total_duration=end - self.start,
             time_to_first_token=ttft,
-            prefill_tokens_per_sec=self.prompt_tokens / prefill if prefill > 0 else 0.0,
+            # the tokens actually prefilled: a cached prefix took no time
+            prefill_tokens_per_sec=(self.prompt_tokens - self.cached_prompt_tokens) / prefill
+            if prefill > 0 else 0.0,
             decode_tokens_per_sec=decoded / decode if decode > 0 else 0.0,
             peak_memory_bytes=self.peak_memory_bytes,
             active_memory_bytes=self.active_memory_bytes,
+            cached_prompt_tokens=self.cached_prompt_tokens,
         )
 
 

@@ -144,6 +144,7 @@ class GenerateMetrics:
     decode_tokens_per_sec: float = 0.0
     peak_memory_bytes: int = 0
     active_memory_bytes: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens read from a kept cache, not prefilled again
 
 
 

@@ -162,6 +162,8 @@ class Context:
         self.per_seq = self.n_ctx // n_seq
         self.n_batch = n_batch
         self.memory = L.llama_get_memory(self.ptr)
+        # sliding-window layers keep only the last n_swa positions (swa_full is off)
+        self.n_swa = int(L.llama_model_n_swa(model))
         self.batch = Batch(n_batch)
         self.decode_calls = 0  # how many batches went through the model (for tests and stats)
         # b"\x01" in the first byte stops a running llama_decode at the next graph node
@@ -179,6 +181,27 @@ class Context:
 
     def clear_seq(self, seq: int) -> None:
         L.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Make ``dst`` hold what ``src`` holds (with a cache per sequence: a whole-buffer copy,
+        done by llama.cpp at the start of the next decode)."""
+        L.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def truncate_seq(self, seq: int, keep: int) -> None:
+        """Drop the cache of ``seq`` from position ``keep`` on (everything when ``keep`` is 0)."""
+        L.llama_memory_seq_rm(self.memory, seq, keep if keep > 0 else -1, -1)
+
+    def can_keep(self, seq: int, keep: int) -> bool:
+        """Whether the cache of ``seq`` still holds what decoding on from position ``keep`` reads.
+
+        Sliding-window layers drop positions that fell out of their window: a prefix is
+        usable only if the window before ``keep`` is still there (as llama-server checks).
+        """
+        low = int(L.llama_memory_seq_pos_min(self.memory, seq))
+        high = int(L.llama_memory_seq_pos_max(self.memory, seq))
+        if low < 0 or high < keep - 1:
+            return False
+        return low == 0 or (self.n_swa > 0 and low <= keep - self.n_swa)
 
     def decode(self) -> None:
         """Run the filled batch through the model."""

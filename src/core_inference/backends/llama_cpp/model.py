@@ -19,7 +19,7 @@ from ...errors import ContextLengthExceeded, EngineError, InferenceError, ModelC
 from ...formats.gguf import GGML_TYPES, GGUFHeader
 from ...memory import cpu_count, process_memory
 from ...model import BaseModel
-from ...streaming import BatchBook, MetricsRecorder, Piece, TokenFinisher, classify_results
+from ...streaming import BatchBook, MetricsRecorder, Piece, classify_results
 from ...templates import builtin_template, no_template_error, render_jinja
 from ...types import (
     BatchResult,
@@ -31,11 +31,14 @@ from ...types import (
     ModelInfo,
     Token,
 )
+from .steps import FairLock, Job, Steps
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
-PREFILL_CHUNK = 512  # prompt tokens per decode while a stream has the model to itself (one n_batch)
-SHARED_PREFILL_CHUNK = 128  # ... and while other streams wait for their next token
-WATCH_PREFILL_OVER = SHARED_PREFILL_CHUNK  # longer prompts are watched: cancel or close stops a decode
+PREFILL_CHUNK = 512  # prompt tokens per prefill decode (one n_batch), cut at the same positions always
+ROW_GROUP = 4  # a resumed prefill starts on a multiple of this many rows ...
+SAME_KERNEL_ROWS = 64  # ... and decodes at least this many (see _reuse_start)
+MIN_SHARED_PREFIX = 32  # shorter shared prefixes are prefilled again rather than copied between sequences
+WATCH_PREFILL_OVER = 128  # longer prompts are watched: cancel or close stops a decode inside llama.cpp
 WATCH_INTERVAL = 0.01  # seconds between the watcher's looks at the call's context
 CLASSIFY_SEQS = 32  # prompts packed into one classify batch
 BATCH_SEQS = 64  # prompts decoded together by one batch_generate step (llama.cpp allows 256)
@@ -66,14 +69,22 @@ class LlamaCppModel(BaseModel):
         self.threads = cfg.threads or cpu_count()
         self.prefill_chunk = chunk
         self._engine = engine
-        self._engine_lock = threading.Lock()  # one llama.cpp call at a time on this model
+        self._engine_lock = FairLock()  # one llama.cpp call at a time on this model, in turn
         self._batch_lock = threading.Lock()  # one classify/batch_generate at a time on _batch_ctx
         self._abort_lock = threading.Lock()  # guards _armed: which call may abort the running decode
         self._armed: object | None = None
+        self._armed_ctx: Any = None  # the context whose decode the armed call runs
         self._model: Any = None
         self._ctx: Any = None
         self._batch_ctx: Any = None
-        self._free_seqs = list(range(slots))
+        self._free_seqs = list(range(slots))  # least recently used first
+        self._seq_lock = threading.Lock()  # guards _free_seqs and _kept
+        self._kept: dict[int, list[int]] = {}  # per free sequence: the tokens its cache holds
+        self._prefix_cache = _flag(cfg.engine_options.get("prefix_cache", True), "prefix_cache")
+        # False: each stream's token gets a decode of its own (answers independent of the
+        # neighbours, at the cost of the throughput that sharing a decode brings)
+        self._shared_decode = _flag(cfg.engine_options.get("shared_decode", True), "shared_decode")
+        self._steps = Steps(self._engine_lock, self._run_step, chunk)
         try:
             self._model = engine.Model(path, cfg.gpu_layers)
             train = self._model.n_ctx_train or DEFAULT_CONTEXT
@@ -155,84 +166,175 @@ class LlamaCppModel(BaseModel):
         self, text: str, stop: frozenset[int], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> Iterator[Piece]:
         tokens = self._prompt_tokens(text)
-        llama, model = self._ctx, self._model
-        clock = time.perf_counter
-        seq = self._free_seqs.pop()
+        llama, model, steps = self._ctx, self._model, self._steps
+        seq, start = self._take_seq(tokens)
+        fed = tokens[:start]  # what the sequence's cache holds, kept for the next call if all goes well
         sampler = None
+        clean = False  # the cache holds exactly ``fed``: the call ended between steps
         try:
             sampler = self._engine.Sampler(cfg, self._model.n_vocab)
             sampler.accept_all(tokens)
-            with self._engine_lock:
-                llama.clear_seq(seq)
-            tid = self._prefill(tokens, seq, ctx, sampler, rec)
-            rec.prefill_done(len(tokens))
-            pos = len(tokens)
-            room = min(llama.per_seq, self.context_len) - pos
-            limit = min(cfg.max_tokens, room)
-            batch = llama.batch
-            decode = 0.0  # this call's own decode time: its decodes only, never a neighbour's
-            rec.decode_duration = 0.0
-            for n in range(1, limit + 1):
-                if model.is_eog(tid) or tid in stop:
-                    break
-                yield tid, model.piece(tid)
-                if n == limit:
-                    if limit == room:
-                        rec.finish_reason = "context_full"
-                    break
-                with self._engine_lock:  # decode and sample together: logits belong to the last decode
-                    t = clock()
-                    batch.clear()
-                    batch.add(tid, pos, seq, True)
-                    llama.decode()
-                    tid = sampler.sample(llama, 0)
-                    decode += clock() - t
-                rec.decode_duration = decode
-                pos += 1
+            with steps.member(seq):
+                tid = self._prefill(tokens, start, seq, ctx, sampler, rec)
+                fed = list(tokens)
+                rec.prefill_done(len(tokens))
+                rec.cached_prompt_tokens = start
+                pos = len(tokens)
+                room = min(llama.per_seq, self.context_len) - pos
+                limit = min(cfg.max_tokens, room)
+                decode = 0.0  # this call's own steps: the decodes that carried its tokens
+                rec.decode_duration = 0.0
+                for n in range(1, limit + 1):
+                    if model.is_eog(tid) or tid in stop:
+                        break
+                    try:
+                        yield tid, model.piece(tid)
+                    except GeneratorExit:  # the consumer stopped between tokens: the cache is whole
+                        clean = True
+                        raise
+                    if n == limit:
+                        if limit == room:
+                            rec.finish_reason = "context_full"
+                        break
+                    self._raise_if_ended(ctx, "during generation")
+                    job = steps.run(Job(seq, [tid], pos, True, sampler, ctx))
+                    if job.error is not None:
+                        raise job.error
+                    fed.append(tid)
+                    tid = job.token
+                    decode += job.seconds
+                    rec.decode_duration = decode
+                    pos += 1
+            clean = True
         finally:
             if sampler is not None:
                 sampler.free()
-            with self._engine_lock:
-                if self._ctx is not None:
-                    llama.clear_seq(seq)
-            self._free_seqs.append(seq)
+            # A stream that ended in an error or a cancel inside a decode may have left cells
+            # the bookkeeping does not know of: such a sequence is emptied, not kept.
+            self._give_seq(seq, fed, clean)
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
 
-    def _prefill(
-        self, tokens: list[int], seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder
-    ) -> int:
-        """Decode the prompt in chunks, checking the context between them; sample the first token.
+    # -- slots and the prefix cache ----------------------------------------------------
 
-        A stream alone on the model prefills ``prefill_chunk`` tokens a decode; while other
-        streams wait for their next token, chunks shrink to ``SHARED_PREFILL_CHUNK`` so that
-        they get turns. A long prompt is watched meanwhile: its context ending, or
-        ``close()``, stops llama.cpp inside the running decode, not after it.
+    def _take_seq(self, tokens: list[int]) -> tuple[int, int]:
+        """A free sequence for ``tokens`` and how many of its first tokens are already cached.
+
+        With the prefix cache on, the free sequence whose kept tokens share the longest
+        prefix with the prompt is found. If all it keeps is a prefix of the prompt, it is
+        taken; otherwise (a shared system prompt, an earlier turn of another chat) its
+        cache is copied into an empty sequence, else the least recently used one, so the
+        other conversation stays kept. Only the rest of the prompt is prefilled, from
+        where ``_reuse_start`` says.
         """
-        llama = self._ctx
-        clock = time.perf_counter
+        chunk = max(1, min(self.prefill_chunk, self._ctx.n_batch))
+        # both locks: the source sequence must not be taken and rewritten before the copy
+        with self._seq_lock, self._engine_lock:
+            free, kept = self._free_seqs, self._kept
+            best, common = -1, 0
+            if self._prefix_cache:
+                for seq in free:  # free is ordered least recently used first
+                    n = _common_prefix(kept.get(seq, ()), tokens)
+                    if n > common:
+                        best, common = seq, n
+            start = _reuse_start(common, len(tokens), chunk) if best >= 0 else 0
+            if best >= 0 and common == len(kept[best]):
+                target = best  # extending it loses nothing
+            else:
+                empty = [s for s in free if s not in kept]
+                target = empty[0] if empty else free[0]
+            free.remove(target)
+            kept.pop(target, None)
+            llama = self._ctx
+            if start and not llama.can_keep(best, start):
+                start = 0  # the sliding-window layers no longer hold what the prefix needs
+            if start and target != best:
+                if start >= MIN_SHARED_PREFIX:
+                    llama.copy_seq(best, target)  # applied at the next decode, before it writes
+                else:
+                    start = 0  # too short to be worth a copy
+            llama.truncate_seq(target, start)
+        return target, start
+
+    def _give_seq(self, seq: int, kept: list[int], clean: bool) -> None:
+        """Return ``seq`` to the free list, keeping its cache for the next call when ``clean``."""
+        with self._engine_lock:
+            if self._ctx is not None and not (clean and self._prefix_cache and kept):
+                self._ctx.clear_seq(seq)
+                kept = []
+        with self._seq_lock:
+            if kept:
+                self._kept[seq] = kept
+                self._free_seqs.append(seq)  # the most recently used goes last
+            else:
+                self._free_seqs.insert(0, seq)  # nothing kept: the first to be reused
+
+    def _prefill(
+        self, tokens: list[int], start: int, seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder
+    ) -> int:
+        """Prefill ``tokens[start:]`` as step jobs, one chunk each; return the first new token.
+
+        Chunks are cut at multiples of ``prefill_chunk`` from the prompt's first position,
+        whatever else runs, so a prompt's logits do not depend on the load. A long prompt
+        is watched meanwhile: its context ending, or ``close()``, stops llama.cpp inside the
+        running decode, not after it.
+        """
         rec.prefill_duration = 0.0  # this call's own decodes, not the waits for its turn
-        with self._watch(llama, ctx, len(tokens) > WATCH_PREFILL_OVER) as me:
-            start = 0
-            while start < len(tokens):
+        step = max(1, min(self.prefill_chunk, self._ctx.n_batch))
+        with self._watch(ctx, len(tokens) - start > WATCH_PREFILL_OVER) as me:
+            pos = start
+            while pos < len(tokens):
                 self._raise_if_ended(ctx, "during prefill")
-                alone = len(self._free_seqs) >= self._slots.size - 1
-                step = self.prefill_chunk if alone else min(self.prefill_chunk, SHARED_PREFILL_CHUNK)
-                chunk = tokens[start : start + max(1, min(step, llama.n_batch))]
-                with self._engine_lock:
-                    began = clock()
-                    batch = llama.batch
-                    batch.clear()
-                    for i, t in enumerate(chunk):
-                        batch.add(t, start + i, seq, start + i == len(tokens) - 1)
-                    try:
-                        self._decode_armed(llama, me, ctx)
-                        start += len(chunk)
-                        rec.prompt_tokens = start  # how far prefill got, if it is cut short
-                        if start >= len(tokens):
-                            return int(sampler.sample(llama, batch.n - 1))
-                    finally:
-                        rec.prefill_duration += clock() - began
+                end = min(len(tokens), (pos // step + 1) * step)
+                last = end == len(tokens)
+                job = self._steps.run(Job(seq, tokens[pos:end], pos, last, sampler, ctx, me))
+                rec.prefill_duration += job.seconds
+                if job.error is not None:
+                    raise job.error
+                pos = end
+                rec.prompt_tokens = pos  # how far prefill got, if it is cut short
+                if last:
+                    return job.token
         raise ValueError("prompt: no tokens to decode")
+
+    def _run_step(self, decodes: list[Job], chunks: list[Job]) -> None:
+        """One step (under the engine lock): every stream's next token in one decode, then chunks.
+
+        A job's own failure (its call ended during its chunk, a decode error) is its
+        alone; the other jobs of the step go on.
+        """
+        llama, clock = self._ctx, time.perf_counter
+        if self._closed.is_set() or llama is None:
+            raise ModelClosed("model closed during generation")
+        batch = llama.batch
+        groups = [decodes] if self._shared_decode else [[j] for j in decodes]
+        for group in groups if decodes else ():
+            began = clock()
+            batch.clear()
+            for j in group:
+                batch.add(j.tokens[0], j.pos, j.seq, True)
+            try:
+                llama.decode()
+                for i, j in enumerate(group):
+                    j.token = j.sampler.sample(llama, i)
+            except Exception as exc:
+                for j in group:
+                    j.error = exc
+            took = clock() - began
+            for j in group:
+                j.seconds = took
+        for j in chunks:
+            began = clock()
+            try:
+                self._raise_if_ended(j.ctx, "during prefill")
+                batch.clear()
+                for i, t in enumerate(j.tokens):
+                    batch.add(t, j.pos + i, j.seq, j.sample and i == len(j.tokens) - 1)
+                self._decode_armed(llama, j.watched, j.ctx)
+                if j.sample:
+                    j.token = j.sampler.sample(llama, batch.n - 1)
+            except Exception as exc:
+                j.error = exc
+            j.seconds = clock() - began
 
     def _raise_if_ended(self, ctx: Context, when: str) -> None:
         """``Cancelled``/``DeadlineExceeded`` if ``ctx`` ended, ``ModelClosed`` ("model closed <when>")."""
@@ -246,7 +348,7 @@ class LlamaCppModel(BaseModel):
             llama.decode()
             return
         with self._abort_lock:
-            self._armed = me
+            self._armed, self._armed_ctx = me, llama
         try:
             llama.decode()
         except self._engine.Aborted:
@@ -254,18 +356,18 @@ class LlamaCppModel(BaseModel):
             raise  # not reached: only the watcher aborts, and only once the call has ended
         finally:
             with self._abort_lock:
-                self._armed = None
+                self._armed = self._armed_ctx = None
                 llama.clear_abort()
 
     @contextmanager
-    def _watch(self, llama: Any, ctx: Context, wanted: bool) -> Iterator[object | None]:
+    def _watch(self, ctx: Context, wanted: bool) -> Iterator[object | None]:
         """A thread that aborts this call's running decode once ``ctx`` ends or the model closes.
 
         Yields the call's token for ``_decode_armed`` (None when not watched: short prompts,
         or an engine without an abort callback). The abort flag belongs to the context, which
         all slots share, so the watcher sets it only while this call's decode is the armed one.
         """
-        if not (wanted and llama.abortable):
+        if not (wanted and self._ctx is not None and self._ctx.abortable):
             yield None
             return
         me, done = object(), threading.Event()
@@ -274,8 +376,8 @@ class LlamaCppModel(BaseModel):
             while not done.wait(WATCH_INTERVAL):
                 if ctx.done() or self._closed.is_set():
                     with self._abort_lock:
-                        if self._armed is me:
-                            llama.abort()
+                        if self._armed is me and self._armed_ctx is not None:
+                            self._armed_ctx.abort()
 
         watcher = threading.Thread(target=watch, name="core-inference prefill watch", daemon=True)
         watcher.start()
@@ -318,11 +420,11 @@ class LlamaCppModel(BaseModel):
         done: dict[int, tuple[Token, Any]] = {}
         keys = list(encoded)
         rec.prefill_duration = 0.0
-        with self._batch_turn(ctx):
+        with self._batch_turn(ctx), self._watch(ctx, True) as me:
             for start in range(0, len(keys), CLASSIFY_SEQS):
                 group = keys[start : start + CLASSIFY_SEQS]
                 began = time.perf_counter()
-                out = self._classify_group([encoded[k] for k in group], cfg, ctx)
+                out = self._classify_group([encoded[k] for k in group], cfg, ctx, me, rec)
                 rec.prefill_duration += time.perf_counter() - began
                 done.update(zip(group, out, strict=True))
                 rec.first_token = rec.first_token or time.perf_counter()
@@ -346,13 +448,19 @@ class LlamaCppModel(BaseModel):
             self._batch_lock.release()
 
     def _classify_group(
-        self, group: list[list[int]], cfg: GenerateConfig, ctx: Context
+        self,
+        group: list[list[int]],
+        cfg: GenerateConfig,
+        ctx: Context,
+        me: object | None,
+        rec: MetricsRecorder,
     ) -> list[tuple[Token, Any]]:
         ctx.raise_if_done()
         per_seq = _round_up(max(map(len, group)) + 1, 64)
         with self._engine_lock:
             llama = self._batch_context(CLASSIFY_SEQS, per_seq)
-            outputs = self._pack_prefill(llama, group, ctx)
+        outputs = self._pack_prefill(llama, group, ctx, me, rec)
+        with self._engine_lock:  # only this call decodes on the batch context: its logits still stand
             out = []
             for index in outputs:
                 sampler = self._engine.Sampler(cfg, self._model.n_vocab)
@@ -367,25 +475,59 @@ class LlamaCppModel(BaseModel):
                 llama.clear_seq(seq)
         return out
 
-    def _pack_prefill(self, llama: Any, prompts: list[list[int]], ctx: Context) -> list[int]:
+    def _pack_prefill(
+        self, llama: Any, prompts: list[list[int]], ctx: Context, me: object | None, rec: MetricsRecorder
+    ) -> list[int]:
         """Prefill prompts as sequences 0..n-1, packed into as few batches as fit.
 
         Returns, per prompt, the batch index of its last position's logits. Only the
         last batch's outputs are readable, so every prompt's last token goes there.
+        A prefix that every prompt shares (an instruction, few-shot examples) is decoded
+        once, in sequence 0, and copied to the others with llama.cpp's own sequence copy.
+        The engine lock is taken per decode, so streams get their steps in between, and
+        each decode is armed: the call's deadline or cancel stops it inside llama.cpp.
         """
+        shared = self._shared_prefix(prompts)
+        if shared:
+            self._decode_bodies(llama, [(0, pos, t) for pos, t in enumerate(prompts[0][:shared])], ctx, me)
+            with self._engine_lock:  # copied at the start of the next decode, before it writes
+                for seq in range(1, len(prompts)):
+                    llama.copy_seq(0, seq)
+            rec.cached_prompt_tokens += shared * (len(prompts) - 1)
+        bodies = [
+            (seq, pos, t) for seq, p in enumerate(prompts) for pos, t in enumerate(p[:-1]) if pos >= shared
+        ]
+        self._decode_bodies(llama, bodies, ctx, me)
+        self._raise_if_ended(ctx, "during prefill")
         batch = llama.batch
-        lasts = [(seq, len(p) - 1, p[-1]) for seq, p in enumerate(prompts)]
-        bodies = [(seq, pos, t) for seq, p in enumerate(prompts) for pos, t in enumerate(p[:-1])]
-        for start in range(0, len(bodies), llama.n_batch):
-            ctx.raise_if_done()
+        with self._engine_lock:
             batch.clear()
-            for seq, pos, t in bodies[start : start + llama.n_batch]:
-                batch.add(t, pos, seq, False)
-            llama.decode()
-        batch.clear()
-        outputs = [batch.add(t, pos, seq, True) for seq, pos, t in lasts]
-        llama.decode()
+            outputs = [batch.add(p[-1], len(p) - 1, seq, True) for seq, p in enumerate(prompts)]
+            self._decode_armed(llama, me, ctx)
         return outputs
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> int:
+        """How many first tokens all ``prompts`` share, when worth decoding once (else 0)."""
+        if not self._prefix_cache or len(prompts) < 2:
+            return 0
+        first = prompts[0]
+        n = min(len(p) for p in prompts) - 1  # every prompt's last token is decoded for its logits
+        for p in prompts[1:]:
+            n = _common_prefix(first[:n], p)
+        return n if n >= MIN_SHARED_PREFIX else 0
+
+    def _decode_bodies(
+        self, llama: Any, bodies: list[tuple[int, int, int]], ctx: Context, me: object | None
+    ) -> None:
+        """Decode (seq, pos, token) triples without outputs, ``n_batch`` at a time."""
+        batch = llama.batch
+        for start in range(0, len(bodies), llama.n_batch):
+            self._raise_if_ended(ctx, "during prefill")
+            with self._engine_lock:
+                batch.clear()
+                for seq, pos, t in bodies[start : start + llama.n_batch]:
+                    batch.add(t, pos, seq, False)
+                self._decode_armed(llama, me, ctx)
 
     def _batch_generate(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
@@ -400,10 +542,10 @@ class LlamaCppModel(BaseModel):
         book = BatchBook(encoded, errors, cfg, rec)
         if encoded and cfg.max_tokens:
             keys = list(encoded)
-            with self._batch_turn(ctx):
+            with self._batch_turn(ctx), self._watch(ctx, True) as me:
                 for start in range(0, len(keys), BATCH_SEQS):
                     group = keys[start : start + BATCH_SEQS]
-                    self._decode_together(group, encoded, book.finishers, book.tokens, cfg, ctx, rec)
+                    self._decode_together(group, encoded, book, cfg, ctx, rec, me)
         rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
         return book.results(len(prompts))
 
@@ -411,11 +553,11 @@ class LlamaCppModel(BaseModel):
         self,
         keys: list[int],
         encoded: dict[int, list[int]],
-        finishers: dict[int, TokenFinisher],
-        tokens: dict[int, list[Token]],
+        book: BatchBook,
         cfg: GenerateConfig,
         ctx: Context,
         rec: MetricsRecorder,
+        me: object | None,
     ) -> None:
         """Decode up to ``BATCH_SEQS`` prompts together, one batch per step.
 
@@ -424,6 +566,7 @@ class LlamaCppModel(BaseModel):
         or stop id the step it appears, exactly as ``generate`` would stop.
         """
         prompts = [encoded[k] for k in keys]
+        finishers, tokens = book.finishers, book.tokens
         clock = time.perf_counter
         # room for the longest prompt and max_tokens, but never more than the context
         per_seq = _round_up(min(max(map(len, prompts)) + cfg.max_tokens + 1, self.context_len), 64)
@@ -431,11 +574,11 @@ class LlamaCppModel(BaseModel):
         try:
             for s, p in zip(samplers, prompts, strict=True):
                 s.accept_all(p)
+            began = clock()
             with self._engine_lock:
-                began = clock()
                 llama = self._batch_context(len(keys), per_seq)
-                outputs = self._pack_prefill(llama, prompts, ctx)
-                rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - began
+            outputs = self._pack_prefill(llama, prompts, ctx, me, rec)
+            rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - began
             rec.prefill_done(rec.prompt_tokens + sum(map(len, prompts)))
             live = {seq: (outputs[seq], len(prompts[seq])) for seq in range(len(keys))}
             seq_end = min(llama.per_seq, self.context_len)  # as generate: no position past the context
@@ -460,7 +603,7 @@ class LlamaCppModel(BaseModel):
                             continue
                         nxt[seq] = (llama.batch.add(tid, pos, seq, True), pos + 1)
                     if nxt:
-                        llama.decode()
+                        self._decode_armed(llama, me, ctx)
                     for seq in set(live) - set(nxt):
                         llama.clear_seq(seq)
                     live = nxt
@@ -503,6 +646,8 @@ class LlamaCppModel(BaseModel):
         )
 
     def _close_engine(self) -> None:
+        with self._seq_lock:
+            self._kept.clear()  # what they described is freed with the context below
         with self._engine_lock:
             if self._batch_ctx is not None:
                 self._batch_ctx.free()
@@ -512,6 +657,41 @@ class LlamaCppModel(BaseModel):
                 self._ctx = None
             if self._model is not None:
                 self._model.free()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first items ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _reuse_start(common: int, n: int, chunk: int) -> int:
+    """Where to resume prefill of an ``n``-token prompt whose first ``common`` tokens are cached.
+
+    The rest is decoded in the rows that prefilling the whole prompt alone would use, so
+    the prompt's logits stay what they are alone, as measured on llama.cpp's CPU code:
+    the resumed chunk starts on a multiple of 4 rows (the matrix code's row groups) and
+    holds at least 64 rows (shorter batches take other kernels), else it starts earlier.
+    At least the last prompt token is decoded again: its logits give the first new token.
+    """
+    start = min(common, n - 1) // ROW_GROUP * ROW_GROUP
+    if start <= 0:
+        return 0
+    chunk_start = start // chunk * chunk
+    chunk_end = min(n, chunk_start + chunk)
+    if chunk_end - start < SAME_KERNEL_ROWS:
+        start = max(chunk_start, (chunk_end - SAME_KERNEL_ROWS) // ROW_GROUP * ROW_GROUP)
+    return start
+
+
+def _flag(value: object, name: str) -> bool:
+    """An engine option that must be a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"engine_options: {name} must be true or false, got {value!r}")
+    return value
 
 
 def _round_up(n: int, k: int) -> int:

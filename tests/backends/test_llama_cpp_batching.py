@@ -1,0 +1,220 @@
+"""llama.cpp under load: streams decoded together, prefix reuse, fair turns and deadlines.
+
+All on the real engine and the embedded default model. No timings are asserted: the
+bench (``llama_cpp_batching``) measures speed; these check what happens.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+import core_inference as ci
+from core_inference.backends.llama_cpp import LlamaCppBackend
+from core_inference.backends.llama_cpp.model import LlamaCppModel, _reuse_start
+
+SYSTEM = (
+    "You are a careful assistant for a small public library. You answer questions about "
+    "opening hours, borrowing rules, late fees, the reading room, printing, and the children's "
+    "corner. Keep answers short and polite, and say when you do not know. "
+) * 3
+QUESTIONS = ["When do you open on Sunday?", "How many books can I borrow?", "Is there a printer?"]
+EXACT = {"prefix_cache": False, "shared_decode": False}
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return cast("Callable[..., Path]", ci.default_model_path)(progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(model_path: Path) -> Iterator[LlamaCppModel]:
+    m = LlamaCppBackend().load_model(model_path, parallel_slots=4)
+    assert isinstance(m, LlamaCppModel)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def exact(model_path: Path) -> Iterator[LlamaCppModel]:
+    """The same model with nothing shared: every answer as the prompt alone gives it."""
+    m = LlamaCppBackend().load_model(model_path, parallel_slots=4, engine_options=EXACT)
+    assert isinstance(m, LlamaCppModel)
+    yield m
+    m.close()
+
+
+def ids(tokens: Any) -> list[int]:
+    return [t.id for t in tokens]
+
+
+def test_reuse_start_keeps_the_rows_of_a_whole_prefill() -> None:
+    assert _reuse_start(0, 100, 512) == 0
+    assert _reuse_start(3, 100, 512) == 0  # rounds down to a multiple of 4
+    assert _reuse_start(30, 100, 512) == 28  # 72 rows left: enough
+    assert _reuse_start(99, 100, 512) == 36  # the last 64 rows decoded again, from a multiple of 4
+    assert _reuse_start(40, 50, 512) == 0  # fewer than 64 rows in all: from the start
+    assert _reuse_start(600, 1000, 512) == 600
+    assert _reuse_start(999, 1000, 512) == 936
+    assert _reuse_start(520, 530, 512) == 512  # the last chunk alone is short: from its start
+
+
+def test_the_same_prompt_twice_reads_the_cache_and_answers_the_same(
+    model: LlamaCppModel, exact: LlamaCppModel
+) -> None:
+    prompt = SYSTEM + "Question: " + QUESTIONS[0] + "\nAnswer:"
+    alone = ids(exact.generate(prompt, max_tokens=16))
+    first = ids(model.generate(prompt, max_tokens=16))
+    second = ids(model.generate(prompt, max_tokens=16))
+    cached = model.metrics().cached_prompt_tokens
+    n_prompt = model.metrics().prompt_tokens
+    assert 0 < cached < n_prompt  # all but the rows that decoding alone would put in the last batch
+    assert first == second == alone
+
+
+def test_a_shared_system_prompt_is_prefilled_once(model: LlamaCppModel, exact: LlamaCppModel) -> None:
+    for q in QUESTIONS:
+        messages = [ci.Message("system", SYSTEM), ci.Message("user", q)]
+        got = ids(model.chat(messages, max_tokens=12))
+        assert got == ids(exact.chat(messages, max_tokens=12))  # resumed on the same rows: exact
+    assert model.metrics().cached_prompt_tokens > len(model.tokenize(SYSTEM)) // 2
+
+
+def test_the_next_chat_turn_prefills_only_the_new_tokens(model_path: Path) -> None:
+    with LlamaCppBackend().load_model(model_path, parallel_slots=2) as m:
+        messages = [ci.Message("system", SYSTEM), ci.Message("user", QUESTIONS[1])]
+        previous = 0
+        for turn in range(3):
+            reply = "".join(t.text for t in m.chat(messages, max_tokens=24))
+            got = m.metrics()
+            if turn:
+                # the history (earlier prompts and replies) came from the cache
+                assert got.cached_prompt_tokens >= previous - 64 - 4
+            previous = got.prompt_tokens
+            messages += [ci.Message("assistant", reply), ci.Message("user", QUESTIONS[turn % 3])]
+
+
+def test_kept_caches_are_least_recently_used(model_path: Path) -> None:
+    prompts = [SYSTEM + f"Note {i}: " + q for i, q in enumerate(QUESTIONS)]
+    with LlamaCppBackend().load_model(model_path, parallel_slots=2) as m:
+        for p in prompts:  # three prompts through two slots: the first one's cache is gone
+            list(m.generate(p, max_tokens=2))
+        list(m.generate(prompts[2] + " Please.", max_tokens=2))
+        got = m.metrics()  # its own cache, kept: all but the last rows of a whole prefill
+        assert got.cached_prompt_tokens >= got.prompt_tokens - 64 - 4
+        list(m.generate(prompts[0], max_tokens=2))
+        # prompt 0's own cache was dropped, but the shared system prompt lives in another slot
+        assert 0 < m.metrics().cached_prompt_tokens < len(m.tokenize(prompts[0])) - 64
+        assert len(m._kept) <= 2
+    assert not m._kept  # close() drops them with the engine
+
+
+def test_a_broken_stream_keeps_nothing_and_a_stopped_one_keeps_its_cache(model: LlamaCppModel) -> None:
+    prompt = SYSTEM + "Question: " + QUESTIONS[2]
+    ctx = ci.Context.background().with_cancel()
+    with pytest.raises(ci.Cancelled):
+        for i, _ in enumerate(model.generate(prompt + " (a)", max_tokens=40, ctx=ctx)):
+            if i == 3:
+                ctx.cancel()
+    # the cancelled call's slot was emptied: nothing of it is reused ...
+    list(model.generate(prompt + " (a)", max_tokens=1))
+    assert model.metrics().cached_prompt_tokens <= len(model.tokenize(SYSTEM)) + 8
+    # ... while a consumer that just stops reading (closing the stream) leaves it whole
+    stream = model.generate(prompt + " (b)", max_tokens=40)
+    next(stream)
+    stream.close()
+    list(model.generate(prompt + " (b)", max_tokens=1))
+    assert model.metrics().cached_prompt_tokens > len(model.tokenize(prompt)) - 64 - 4
+
+
+def test_one_cancelled_stream_leaves_the_others_as_they_are_alone(exact: LlamaCppModel) -> None:
+    prompts = ["The capital of France is", "One plus one is", "A short poem about rain:"]
+    alone = {p: ids(exact.generate(p, max_tokens=24)) for p in prompts}
+    out: dict[str, list[int]] = {}
+    ctx = ci.Context.background().with_cancel()
+    errors: list[BaseException] = []
+
+    def run(p: str) -> None:
+        got: list[int] = []
+        try:
+            for i, t in enumerate(exact.generate(p, max_tokens=24, ctx=ctx if p == prompts[0] else None)):
+                got.append(t.id)
+                if p == prompts[0] and i == 4:
+                    ctx.cancel()
+        except ci.Cancelled as exc:
+            errors.append(exc)
+        out[p] = got
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1 and out[prompts[0]] == alone[prompts[0]][:5]
+    assert out[prompts[1]] == alone[prompts[1]] and out[prompts[2]] == alone[prompts[2]]
+    assert exact._steps.stats.widest >= 2
+
+
+def test_classify_decodes_a_shared_instruction_once(model: LlamaCppModel) -> None:
+    sentences = ["I loved every minute of it.", "A dull, tedious mess.", "The best meal I have had.",
+                 "Never again: rude staff and cold food.", "Wonderful, warm and funny."]
+    prompts = [SYSTEM + "Review: " + s + "\nThe review is" for s in sentences]
+    before = model.decode_calls
+    shared = model.classify(prompts, return_logits=True)
+    m = model.metrics()
+    assert m.cached_prompt_tokens >= len(model.tokenize(SYSTEM)) * (len(prompts) - 1)
+    # prefix, bodies, last positions: the instruction is not decoded five times
+    assert model.decode_calls - before <= 3
+    for p, res in zip(prompts, shared, strict=True):
+        [alone] = model.classify([p], return_logits=True)
+        assert res.err is None and res.logits is not None and alone.logits is not None
+        # not bit for bit (other batch shapes), but within the noise that batch shapes make
+        # anyway (docs/reliability.md: up to about 1.2 on this model)
+        assert max(abs(a - b) for a, b in zip(res.logits, alone.logits, strict=True)) < 1.5
+
+
+def test_a_long_classify_gives_a_concurrent_stream_its_turns(model_path: Path) -> None:
+    """Found: a 1,000-token classify held the engine for seconds while a stream waited."""
+    long = ["The quick brown fox jumps over the lazy dog. " * 100 + f"Case {i}." for i in range(4)]
+    opts = {"prefix_cache": False}
+    with LlamaCppBackend().load_model(model_path, parallel_slots=2, engine_options=opts) as m:
+        done = threading.Event()
+        during: list[int] = []
+
+        def classify() -> None:
+            m.classify(long)
+            done.set()
+
+        stream = m.generate("Count to fifty: one, two,", max_tokens=200)
+        next(stream)
+        worker = threading.Thread(target=classify)
+        worker.start()
+        for _ in stream:
+            if done.is_set():
+                break
+            during.append(1)
+        worker.join()
+        stream.close()
+        # about 8 classify decodes of 512 tokens; the stream gets a token between them
+        assert len(during) >= 4, f"the stream got {len(during)} tokens during the classify"
+
+
+@pytest.mark.parametrize("call", ["classify", "batch_generate"])
+def test_a_deadline_stops_a_long_batch_inside_a_decode(model_path: Path, call: str) -> None:
+    long = ["The quick brown fox jumps over the lazy dog. " * 100 + f"Case {i}." for i in range(3)]
+    with LlamaCppBackend().load_model(model_path, engine_options={"prefix_cache": False}) as m:
+        run: Callable[[ci.Context | None], object] = (
+            (lambda c: m.classify(long, ctx=c)) if call == "classify"
+            else (lambda c: m.batch_generate(long, max_tokens=4, ctx=c))
+        )
+        run(None)  # the batch context exists at its size: the count below is this call's
+        before = m.decode_calls
+        with pytest.raises(ci.DeadlineExceeded):
+            run(ci.Context.background().with_timeout(0.2))
+        # about 3,000 tokens need 6 decodes of 512; the running one was stopped inside llama.cpp
+        assert m.decode_calls - before <= 2
+        assert isinstance(run(None), list)  # and the model is fine afterwards
