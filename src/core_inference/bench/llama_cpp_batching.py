@@ -1,9 +1,11 @@
 """The ``llama_cpp_batching`` suite: continuous batching on the ``llama_cpp`` backend (issue 14).
 
 Concurrent streams against ``batch_generate`` on the same prompts and model, the
-slowest stream's time between tokens among 16 against one stream alone, and how soon
-a deadline ends a ``classify`` or ``batch_generate`` of 1,000-token prompts. Every
-side is ours: the reference each target names is measured in the same run.
+slowest stream's time between tokens among 16 against one stream alone, how soon a
+deadline ends a ``classify`` or ``batch_generate`` of 1,000-token prompts, and prefix
+reuse: a chat's turn 4 against its turn 1 (and against llama-cpp-python's kept cache),
+4 chats interleaved, classify behind a shared instruction. The reference each target
+names is measured in the same run.
 """
 
 from __future__ import annotations
@@ -170,6 +172,191 @@ def deadline_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
     )
 
 
+# -- prefix reuse (issue 14 item 3) -------------------------------------------------------
+
+SYSTEM = (
+    "You are the help desk of a small public library. You answer questions about opening hours, "
+    "borrowing rules, late fees, the reading room, printing and the children's corner. Keep "
+    "answers short and polite, and say so when you do not know."
+)
+QUESTIONS = (
+    "Hello! I moved to the town last month and I would like to start using the library. What do "
+    "I need to bring with me to get a card, and can my two children get cards of their own too?",
+    "Thank you. How many books can each of us borrow at once, and for how long? My daughter reads "
+    "very fast and would like to take out a whole series of novels in one go if that is allowed.",
+    "That sounds fine. What happens if we bring something back late, say a week after the date? "
+    "Are the fees the same for children's books and for films, and can they be paid online?",
+    "Last question: is there a quiet room where I could work for a few hours with my laptop, and "
+    "is there a printer I could use for a couple of pages? Do I have to book anything for that?",
+)
+REPLIES = (
+    "Welcome to town! To get a card, bring a photo ID and something that shows your address, such "
+    "as a utility bill or a rental agreement. Children under sixteen can have their own cards; "
+    "they just need a parent or guardian to sign the form with them at the desk.",
+    "Each card lets you borrow up to fifteen items at a time. Books are lent for three weeks and "
+    "can be renewed twice, online or at the desk, as long as nobody else has reserved them. A "
+    "whole series is fine, so your daughter can take all of it home at once.",
+    "Late items cost twenty cents a day for books and one euro a day for films, up to a cap of "
+    "ten euros per item. Children's books have no late fees at all. Fees can be paid online "
+    "through your account, at the self-service machine or at the desk.",
+)
+
+
+def _chat_prompts(model: Any, session: str) -> list[str]:
+    """The prompt text of each of the 4 turns of one chat (fixed replies), via the model's template."""
+    from ..types import Message
+
+    messages = [Message("system", f"[{session}] {SYSTEM}")]
+    prompts = []
+    for turn, question in enumerate(QUESTIONS):
+        messages.append(Message("user", question))
+        prompts.append(model._render_chat(messages))
+        if turn < len(REPLIES):
+            messages.append(Message("assistant", REPLIES[turn]))
+    return prompts
+
+
+def _first_token_ms(model: Any, prompt: str) -> float:
+    start = time.perf_counter()
+    stream = model.generate(prompt, max_tokens=1)
+    next(stream)
+    elapsed = time.perf_counter() - start
+    stream.close()
+    return elapsed * 1e3
+
+
+def chat_turns_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
+    """Time to first token of turn 4 of a chat against turn 1, and against llama-cpp-python's cache."""
+    from .. import load_model
+    from .llama_cpp_suite import _engine
+
+    model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads))
+    cold = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
+                                          engine_options={"prefix_cache": False}))
+    llm = _engine(path, int(model.context_len), cfg.threads)
+    stack.callback(llm.close)
+    bos = model._bos_text
+    sessions = iter(range(1_000_000))  # each run a new chat: nothing kept from the last run
+
+    def ours(turn: int, m: Any) -> Callable[[], float]:
+        def run() -> float:
+            prompts = _chat_prompts(m, f"session {next(sessions)}")
+            for p in prompts[:turn]:  # the earlier turns (their replies are fixed), untimed
+                list(m.generate(p, max_tokens=1))
+            return _first_token_ms(m, prompts[turn])
+
+        return run
+
+    def engine(turn: int) -> Callable[[], float]:
+        def run() -> float:
+            prompts = [p.removeprefix(bos) for p in _chat_prompts(model, f"session {next(sessions)}")]
+            for p in prompts[:turn]:
+                llm.create_completion(p, max_tokens=1, temperature=0.0)
+            start = time.perf_counter()
+            next(iter(llm.create_completion(prompts[turn], max_tokens=1, temperature=0.0, stream=True)))
+            return (time.perf_counter() - start) * 1e3
+
+        return run
+
+    sizes = [len(model.tokenize(p)) for p in _chat_prompts(model, "session 0")]
+    t4, t1 = "ours: turn 4 (cache kept)", "ours: turn 1"
+    lcp4 = "llama-cpp-python: turn 4 (its cache kept)"
+    return Row(
+        key="chat_turns",
+        title=f"time to first token by chat turn ({', '.join(map(str, sizes))} prompt tokens)",
+        unit="ms",
+        sides=[Side(t4, ours(3, model), True), Side(t1, ours(0, model), True),
+               Side("ours: turn 4, prefix_cache off", ours(3, cold), True),
+               Side(lcp4, engine(3), False), Side("llama-cpp-python: turn 1", engine(0), False)],
+        reference=t1,
+        higher_is_better=False,
+        targets=[Target(t4, "<=", 1.3, t1), Target(t4, "<=", 1.0, lcp4)],
+        note="each run a new chat (a new system line) whose turns 1..3 ran first, untimed, with "
+        "max_tokens=1; "
+        "the replies are fixed text, prefilled by the next turn on both sides; llama-cpp-python: "
+        "create_completion(stream=True) to its first chunk, its Llama keeping the last prompt's cache",
+        info={"prompt_tokens": sizes},
+    )
+
+
+def interleaved_chats_row(path: str, cfg: BenchConfig, stack: ExitStack, chats: int = 4) -> Row:
+    """``chats`` chats taking turns on one model: each chat's turn 4 against its turn 1."""
+    from .. import load_model
+
+    model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
+                                           parallel_slots=chats))
+    sessions = iter(range(1_000_000))
+
+    def run_chats(turn: int) -> Callable[[], float]:
+        def run() -> float:
+            run_id = next(sessions)
+            prompts = [_chat_prompts(model, f"run {run_id} chat {c}") for c in range(chats)]
+            took: list[float] = []
+            for t in range(turn + 1):
+                for c in range(chats):  # turn t of every chat, then turn t + 1 of every chat
+                    ms = _first_token_ms(model, prompts[c][t])
+                    if t == turn:
+                        took.append(ms)
+            return sum(took) / len(took)
+
+        return run
+
+    t4, t1 = f"ours: turn 4, {chats} chats interleaved", f"ours: turn 1, {chats} chats interleaved"
+    return Row(
+        key=f"interleaved_chats_{chats}",
+        title=f"{chats} chats taking turns on one model: time to first token, turn 4 vs turn 1",
+        unit="ms",
+        sides=[Side(t4, run_chats(3), True), Side(t1, run_chats(0), True)],
+        reference=t1,
+        higher_is_better=False,
+        targets=[Target(t4, "<=", 1.5, t1)],
+        note="mean over the chats of each one's time to first token; turn t of every chat runs "
+        "before turn t + 1 of any, so each chat finds its cache behind the others' (parallel_slots "
+        "equal to the chats); llama-cpp-python's single kept cache would hold only the last chat",
+        info={"chats": chats},
+    )
+
+
+def classify_prefix_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
+    """classify of sentences behind one shared instruction, with and without prefix reuse."""
+    from .. import load_model
+    from .llama_cpp_suite import _sentences
+
+    model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads))
+    cold = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
+                                          engine_options={"prefix_cache": False}))
+    words = PARAGRAPH.split()
+    size = 24 if cfg.quick else 200
+    instruction = "Say whether the sentence below describes something good or bad. " + " ".join(
+        words[i % len(words)] for i in range(size))
+    while len(model.tokenize(instruction)) > size:
+        instruction = instruction.rsplit(" ", 1)[0]
+    prompts = [f"{instruction}\nSentence: {s}\nAnswer:" for s in _sentences(cfg.classify_sentences)]
+
+    def rate(m: Any) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            n = len(m.classify(prompts))
+            return n / (time.perf_counter() - start)
+
+        return run
+
+    shared, plain = "ours: classify, shared prefix decoded once", "ours: classify, prefix_cache off"
+    return Row(
+        key="classify_shared_prefix",
+        title=f"classify of {len(prompts)} sentences behind a shared "
+        f"{len(model.tokenize(instruction))}-token instruction",
+        unit="sentences/s",
+        sides=[Side(shared, rate(model), True), Side(plain, rate(cold), True)],
+        reference=plain,
+        targets=[Target(shared, ">=", 3.0, plain)],
+        note="the prefix every prompt of a packed group shares is decoded once and copied to the "
+        "group's other sequences with llama.cpp's sequence copy",
+        runs=None if cfg.quick else min(cfg.runs, 2),  # the plain side takes about 90 s a run here
+        info={"sentences": len(prompts), "instruction_tokens": len(model.tokenize(instruction))},
+    )
+
+
 def _rows(cfg: BenchConfig) -> Iterator[Row]:
     from ..default_model import default_model_path
 
@@ -179,6 +366,9 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
         lambda s: concurrency_row(path, cfg, s, 16),
         lambda s: inter_token_row(path, cfg, s, 16),
         lambda s: deadline_row(path, cfg, s),
+        lambda s: chat_turns_row(path, cfg, s),
+        lambda s: interleaved_chats_row(path, cfg, s),
+        lambda s: classify_prefix_row(path, cfg, s),
     ]
     for make in makers:
         with ExitStack() as stack:  # each row's model is freed before the next row
@@ -189,11 +379,14 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
 
 SUITE = Suite(
     name="llama_cpp_batching",
-    engine="none: every side is ours, each target against its reference in the same run",
+    engine="llama-cpp-python (its Llama's kept cache, in the chat_turns row); every other side is ours",
     rows=_rows,
     why_unavailable=_why_unavailable,
     versions=_versions,
 )
 
 
-__all__ = ["SUITE", "concurrency_row", "deadline_row", "inter_token_row"]
+__all__ = [
+    "SUITE", "chat_turns_row", "classify_prefix_row", "concurrency_row", "deadline_row",
+    "inter_token_row", "interleaved_chats_row",
+]

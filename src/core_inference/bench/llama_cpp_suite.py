@@ -286,7 +286,7 @@ def _ttft_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack, path: st
         if chunk != getattr(model, "prefill_chunk", PREFILL_CHUNK):
             m = stack.enter_context(
                 load_model(path, backend="llama_cpp", threads=cfg.threads,
-                           engine_options={"prefill_chunk": chunk})
+                           engine_options={"prefill_chunk": chunk, "prefix_cache": False})
             )
         name = f"ours: generate, prefill_chunk={chunk}" + (" (default)" if m is model else "")
         default_name = default_name or name
@@ -476,7 +476,9 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
 
     path = cfg.model or str(default_model_path(progress=False))
     with ExitStack() as stack:
-        model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads))
+        # no prefix cache: every timed call prefills its whole prompt, as Llama.eval after reset does
+        model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
+                                               engine_options={"prefix_cache": False}))
         n_ctx = int(model.context_len)
         llm = _engine(path, n_ctx, cfg.threads)
         stack.callback(llm.close)

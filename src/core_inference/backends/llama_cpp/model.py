@@ -306,6 +306,9 @@ class LlamaCppModel(BaseModel):
         if self._closed.is_set() or llama is None:
             raise ModelClosed("model closed during generation")
         batch = llama.batch
+        # in sequence order: llama.cpp splits a batch whose sequences come out of order into
+        # more micro-batches (measured: 4 streams' step took 56 ms shuffled, 31 ms in order)
+        decodes = sorted(decodes, key=lambda j: j.seq)
         groups = [decodes] if self._shared_decode else [[j] for j in decodes]
         for group in groups if decodes else ():
             began = clock()

@@ -85,6 +85,7 @@ class Job:
     seconds: float = 0.0
     done: bool = False
     gather_until: float | None = None  # when a leader stops waiting for the last step's streams
+    thread: int = 0  # the posting thread's identity
 
     @property
     def decoding(self) -> bool:
@@ -126,6 +127,7 @@ class Steps:
         self._pending: deque[Job] = deque()
         self._members: dict[int, _Member] = {}  # by seq
         self._busy = False
+        self._leader: int | None = None  # the thread that led the last step
         self._engine_lock = engine_lock
         self._run_step = run_step
         self._budget = prefill_budget
@@ -146,6 +148,7 @@ class Steps:
     def run(self, job: Job) -> Job:
         """Post ``job`` and return once a step did it: led by this thread or another one."""
         cond = self._cond
+        me = job.thread = threading.get_ident()
         with cond:
             self._pending.append(job)
             cond.notify_all()  # a leader gathering this step may be waiting for this job
@@ -158,7 +161,11 @@ class Steps:
                     continue
                 if not self._gathered(job):
                     continue
+                if not self._may_lead(me):
+                    cond.wait(0.05)  # the last step's leader is posting too: it leads
+                    continue
                 self._busy = True
+                self._leader = me
                 decodes, chunks = self._take()
                 cond.release()
                 try:
@@ -168,6 +175,18 @@ class Steps:
                     self._busy = False
                     cond.notify_all()
         return job
+
+    def _may_lead(self, me: int) -> bool:
+        """Whether this thread may lead the next step: the last leader does while it is posting.
+
+        llama.cpp's CPU threads are an OpenMP team that belongs to the thread calling
+        ``llama_decode``. Each new caller gets a team of its own, and the idle teams' threads
+        spin for a while after every decode, on the cores the running team needs: with 4
+        streams leading steps in turn, a decode took twice as long as from one thread
+        (measured on two cores). So the same thread leads step after step while it can.
+        """
+        leader = self._leader
+        return leader is None or leader == me or not any(j.thread == leader for j in self._pending)
 
     def _gathered(self, job: Job) -> bool:
         """Whether to step now: every stream served last step has posted again, or the wait is over.
