@@ -143,7 +143,7 @@ def test_quick_bench_runs_every_row_end_to_end(tmp_path: Path) -> None:
     model = _default_model_or_skip()
     # The in-process suites; the server and Ray suites start servers and clusters and are
     # run on their own (tests/test_server_bench.py; python -m core_inference.bench.distributed_suite).
-    suites = ["core", "llama_cpp", "torch", "mlx"]
+    suites = ["core", "llama_cpp", "llama_cpp_batching", "torch", "mlx"]
     res = run_bench(model, str(tmp_path), quick=True, machine="quick", echo=None, suites=suites)
     data = json.loads((tmp_path / "quick.json").read_text())
     assert data["config"]["quick"] is True and data["machine"]["threads"] == res["machine"]["threads"]
@@ -152,6 +152,8 @@ def test_quick_bench_runs_every_row_end_to_end(tmp_path: Path) -> None:
     assert keys == {
         "core": {"contract_generate", "import_time"},
         "llama_cpp": {"decode", "decode_overhead", "ttft", "batch_generate", "classify", "load"},
+        "llama_cpp_batching": {"concurrent_4", "concurrent_16", "inter_token_16", "deadline_long_prompts",
+                               "chat_turns", "interleaved_chats_4", "classify_shared_prefix"},
         # on the converted default; the cuda rows run on an NVIDIA GPU, else are listed as not run
         "torch": {"decode", "batch_generate", "classify", "concurrent",
                   "cuda_classify", "cuda_batch_generate"},
