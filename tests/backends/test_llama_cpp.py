@@ -8,9 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 import pytest
 
@@ -21,11 +20,6 @@ from core_inference.formats.gguf import read_gguf
 from core_inference.memory import cpu_count, process_memory
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    return cast("Callable[..., Path]", ci.default_model_path)(progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -24,11 +24,6 @@ SYSTEM = (
 ) * 3
 QUESTIONS = ["When do you open on Sunday?", "How many books can I borrow?", "Is there a printer?"]
 EXACT = {"prefix_cache": False, "shared_decode": False}
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    return cast("Callable[..., Path]", ci.default_model_path)(progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -20,11 +20,6 @@ from core_inference.backends.llama_cpp.model import LlamaCppModel
 
 PROMPT = "The capital of France is"
 LONG = " ".join(f"Paragraph {i} says that the river is long and the valley is green." for i in range(40))
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    return cast("Callable[..., Path]", ci.default_model_path)(progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import logging
 import queue
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,13 +126,16 @@ class _DecodeThread:
     def __init__(self) -> None:
         self._start_lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[Any, Any, Any, list[int], threading.Lock]] = queue.SimpleQueue()
-        self._ident: int | None = None
+        self._thread: threading.Thread | None = None
 
     def decode(self, ctx: Any, batch: Any, flag: Any) -> int:
-        if self._ident is None:
-            self._start()
-        if threading.get_ident() == self._ident:  # not reached: the decode thread runs nothing else
-            return int(L.llama_decode(ctx, batch))
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._serve, name="core-inference llama.cpp decode", daemon=True
+                    )
+                    self._thread.start()
         result = [-1]
         done = threading.Lock()
         done.acquire()
@@ -146,16 +148,7 @@ class _DecodeThread:
             raise
         return result[0]
 
-    def _start(self) -> None:
-        with self._start_lock:
-            if self._ident is None:
-                t = threading.Thread(target=self._serve, name="core-inference llama.cpp decode", daemon=True)
-                t.start()
-                while self._ident is None:
-                    time.sleep(0.0005)
-
     def _serve(self) -> None:
-        self._ident = threading.get_ident()
         while True:
             ctx, batch, flag, result, done = self._jobs.get()
             _decoding.abort_flag = flag  # for the log callback, which llama.cpp calls on this thread

@@ -90,6 +90,7 @@ class LlamaCppModel(BaseModel):
             train = self._model.n_ctx_train or DEFAULT_CONTEXT
             self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
             self._ctx = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
+            self._prefill_step = max(1, min(chunk, self._ctx.n_batch))  # tokens per prefill decode
             self._template = self._find_template()
             bos = self._model.bos
             self._bos_text = self._model.special_text(bos) if bos >= 0 and self._model.adds_bos else ""
@@ -226,7 +227,6 @@ class LlamaCppModel(BaseModel):
         other conversation stays kept. Only the rest of the prompt is prefilled, from
         where ``_reuse_start`` says.
         """
-        chunk = max(1, min(self.prefill_chunk, self._ctx.n_batch))
         # both locks: the source sequence must not be taken and rewritten before the copy
         with self._seq_lock, self._engine_lock:
             free, kept = self._free_seqs, self._kept
@@ -236,7 +236,7 @@ class LlamaCppModel(BaseModel):
                     n = _common_prefix(kept.get(seq, ()), tokens)
                     if n > common:
                         best, common = seq, n
-            start = _reuse_start(common, len(tokens), chunk) if best >= 0 else 0
+            start = _reuse_start(common, len(tokens), self._prefill_step) if best >= 0 else 0
             if best >= 0 and common == len(kept[best]):
                 target = best  # extending it loses nothing
             else:
@@ -279,7 +279,7 @@ class LlamaCppModel(BaseModel):
         running decode, not after it.
         """
         rec.prefill_duration = 0.0  # this call's own decodes, not the waits for its turn
-        step = max(1, min(self.prefill_chunk, self._ctx.n_batch))
+        step = self._prefill_step
         with self._watch(ctx, len(tokens) - start > WATCH_PREFILL_OVER) as me:
             pos = start
             while pos < len(tokens):
@@ -423,7 +423,7 @@ class LlamaCppModel(BaseModel):
         done: dict[int, tuple[Token, Any]] = {}
         keys = list(encoded)
         rec.prefill_duration = 0.0
-        with self._batch_turn(ctx), self._watch(ctx, True) as me:
+        with self._batch_turn(ctx), self._watch(ctx, _total(encoded) > WATCH_PREFILL_OVER) as me:
             for start in range(0, len(keys), CLASSIFY_SEQS):
                 group = keys[start : start + CLASSIFY_SEQS]
                 began = time.perf_counter()
@@ -545,7 +545,7 @@ class LlamaCppModel(BaseModel):
         book = BatchBook(encoded, errors, cfg, rec)
         if encoded and cfg.max_tokens:
             keys = list(encoded)
-            with self._batch_turn(ctx), self._watch(ctx, True) as me:
+            with self._batch_turn(ctx), self._watch(ctx, _total(encoded) > WATCH_PREFILL_OVER) as me:
                 for start in range(0, len(keys), BATCH_SEQS):
                     group = keys[start : start + BATCH_SEQS]
                     self._decode_together(group, encoded, book, cfg, ctx, rec, me)
@@ -695,6 +695,11 @@ def _flag(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"engine_options: {name} must be true or false, got {value!r}")
     return value
+
+
+def _total(encoded: dict[int, list[int]]) -> int:
+    """The prompt tokens of a classify/batch_generate call (longer calls are watched, as prompts are)."""
+    return sum(map(len, encoded.values()))
 
 
 def _round_up(n: int, k: int) -> int:

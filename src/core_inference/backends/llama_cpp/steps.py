@@ -2,10 +2,8 @@
 
 There is no scheduler thread. A stream that needs its next token posts a ``Job`` and,
 if no step is running, runs one itself for every job posted so far (the leader); the
-others sleep until their job is done. A stream alone therefore decodes on its own
-thread exactly as before, with no hand-off to another thread: an extra Python thread
-waking up mid-decode steals a core from llama.cpp's workers (measured: 0.82x of the
-plain loop on two cores when a scheduler thread did the decoding).
+others sleep until their job is done. The decodes themselves all run on the process's
+one decode thread (``engine._DecodeThread``), whichever caller leads.
 
 A step is: one ``llama_decode`` carrying the next token of every stream that is
 generating, then prefill chunks of streams that are starting, up to a token budget,
@@ -22,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ...context import Context
@@ -85,36 +83,26 @@ class Job:
     seconds: float = 0.0
     done: bool = False
     gather_until: float | None = None  # when a leader stops waiting for the last step's streams
-    thread: int = 0  # the posting thread's identity
 
     @property
     def decoding(self) -> bool:
         return len(self.tokens) == 1 and self.sample and self.watched is None
 
 
-@dataclass(eq=False)
-class _Member:
-    """A stream registered with the steps, from its first job to its end."""
-
-    served_last_step: bool = False
-
-
 @dataclass
 class StepStats:
-    """Counts for tests and the bench: how many steps ran, how many decode tokens they carried."""
+    """Counts for tests: how many steps ran, and how many streams' tokens they carried."""
 
     steps: int = 0
-    decode_tokens: int = 0
     widest: int = 0  # the most streams' tokens one step carried
     shared: int = 0  # steps that carried more than one stream's next token
-    history: list[int] = field(default_factory=list)  # widths of the last decodes (bounded)
 
 
 class Steps:
     """The step loop of one llama.cpp context, run by whichever caller needs a token next.
 
-    ``decode_job(llama, jobs)`` and ``prefill_job(llama, job)`` do the engine work under
-    the engine lock (the model's, so ``classify``/``batch_generate`` take turns with steps).
+    ``run_step(decodes, chunks)`` does a step's engine work under the engine lock (the
+    model's, so ``classify``/``batch_generate`` take turns with steps).
     """
 
     def __init__(
@@ -125,9 +113,9 @@ class Steps:
     ) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[Job] = deque()
-        self._members: dict[int, _Member] = {}  # by seq
+        self._members: set[int] = set()  # the seqs of the streams in a call
+        self._served: set[int] = set()  # members the last step served, awaited by the next
         self._busy = False
-        self._leader: int | None = None  # the thread that led the last step
         self._engine_lock = engine_lock
         self._run_step = run_step
         self._budget = prefill_budget
@@ -137,18 +125,18 @@ class Steps:
     def member(self, seq: int) -> Iterator[None]:
         """Register a stream for the whole of its call (its absence ends the leader's wait)."""
         with self._cond:
-            self._members[seq] = _Member()
+            self._members.add(seq)
         try:
             yield
         finally:
             with self._cond:
-                self._members.pop(seq, None)
+                self._members.discard(seq)
+                self._served.discard(seq)
                 self._cond.notify_all()
 
     def run(self, job: Job) -> Job:
         """Post ``job`` and return once a step did it: led by this thread or another one."""
         cond = self._cond
-        me = job.thread = threading.get_ident()
         with cond:
             self._pending.append(job)
             cond.notify_all()  # a leader gathering this step may be waiting for this job
@@ -161,11 +149,7 @@ class Steps:
                     continue
                 if not self._gathered(job):
                     continue
-                if not self._may_lead(me):
-                    cond.wait(0.05)  # the last step's leader is posting too: it leads
-                    continue
                 self._busy = True
-                self._leader = me
                 decodes, chunks = self._take()
                 cond.release()
                 try:
@@ -176,18 +160,6 @@ class Steps:
                     cond.notify_all()
         return job
 
-    def _may_lead(self, me: int) -> bool:
-        """Whether this thread may lead the next step: the last leader does while it is posting.
-
-        llama.cpp's CPU threads are an OpenMP team that belongs to the thread calling
-        ``llama_decode``. Each new caller gets a team of its own, and the idle teams' threads
-        spin for a while after every decode, on the cores the running team needs: with 4
-        streams leading steps in turn, a decode took twice as long as from one thread
-        (measured on two cores). So the same thread leads step after step while it can.
-        """
-        leader = self._leader
-        return leader is None or leader == me or not any(j.thread == leader for j in self._pending)
-
     def _gathered(self, job: Job) -> bool:
         """Whether to step now: every stream served last step has posted again, or the wait is over.
 
@@ -195,10 +167,7 @@ class Steps:
         After a step, its streams' threads each hand their token to their consumer and come
         back; stepping before they do would split the streams into alternating halves.
         """
-        missing = [
-            seq for seq, m in self._members.items()
-            if m.served_last_step and not any(j.seq == seq for j in self._pending)
-        ]
+        missing = self._served - {j.seq for j in self._pending}
         if not missing:
             return True
         now = time.monotonic()
@@ -206,8 +175,7 @@ class Steps:
             job.gather_until = now + GATHER_WAIT
         deadline = job.gather_until
         if now >= deadline:
-            for seq in missing:  # a slow consumer: do not wait for it again until it is back
-                self._members[seq].served_last_step = False
+            self._served -= missing  # slow consumers: not waited for again until they are back
             return True
         self._cond.wait(deadline - now)
         return False
@@ -227,9 +195,7 @@ class Steps:
             else:
                 rest.append(job)
         self._pending = rest
-        served = {j.seq for j in decodes} | {j.seq for j in chunks}
-        for seq, m in self._members.items():
-            m.served_last_step = seq in served
+        self._served = {j.seq for j in decodes + chunks} & self._members
         return decodes, chunks
 
     def _lead(self, decodes: list[Job], chunks: list[Job]) -> None:
@@ -250,12 +216,8 @@ class Steps:
                 j.done = True
         st = self.stats
         st.steps += 1
-        if decodes:
-            st.decode_tokens += len(decodes)
-            st.widest = max(st.widest, len(decodes))
-            st.shared += len(decodes) > 1
-            st.history.append(len(decodes))
-            del st.history[:-256]
+        st.widest = max(st.widest, len(decodes))
+        st.shared += len(decodes) > 1
 
 
 __all__ = ["FairLock", "Job", "StepStats", "Steps"]
