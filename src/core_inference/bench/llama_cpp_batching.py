@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
-from .llama_cpp_suite import BATCH_PROMPTS, PARAGRAPH, _versions, _why_unavailable
+from .llama_cpp_suite import BATCH_PROMPTS, PARAGRAPH, _versions, _why_unavailable, first_token_ms
 
 DEADLINE = 0.2  # seconds given to each call of the deadline row
 LONG_PROMPT_TOKENS = 1000
@@ -216,15 +216,6 @@ def _chat_prompts(model: Any, session: str) -> list[str]:
     return prompts
 
 
-def _first_token_ms(model: Any, prompt: str) -> float:
-    start = time.perf_counter()
-    stream = model.generate(prompt, max_tokens=1)
-    next(stream)
-    elapsed = time.perf_counter() - start
-    stream.close()
-    return elapsed * 1e3
-
-
 def chat_turns_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
     """Time to first token of turn 4 of a chat against turn 1, and against llama-cpp-python's cache."""
     from .. import load_model
@@ -243,7 +234,7 @@ def chat_turns_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
             prompts = _chat_prompts(m, f"session {next(sessions)}")
             for p in prompts[:turn]:  # the earlier turns (their replies are fixed), untimed
                 list(m.generate(p, max_tokens=1))
-            return _first_token_ms(m, prompts[turn])
+            return first_token_ms(m, prompts[turn])
 
         return run
 
@@ -294,7 +285,7 @@ def interleaved_chats_row(path: str, cfg: BenchConfig, stack: ExitStack, chats: 
             took: list[float] = []
             for t in range(turn + 1):
                 for c in range(chats):  # turn t of every chat, then turn t + 1 of every chat
-                    ms = _first_token_ms(model, prompts[c][t])
+                    ms = first_token_ms(model, prompts[c][t])
                     if t == turn:
                         took.append(ms)
             return sum(took) / len(took)

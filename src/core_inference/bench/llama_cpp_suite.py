@@ -237,6 +237,16 @@ def _check(rc: int) -> None:
         raise BenchError(f"llama_decode returned {rc}")
 
 
+def first_token_ms(model: Any, prompt: str, ctx: Any = None) -> float:
+    """Milliseconds from ``generate(prompt)`` to its first token (the stream is closed then)."""
+    start = time.perf_counter()
+    stream = model.generate(prompt, max_tokens=1, ctx=ctx)
+    next(stream)
+    elapsed = time.perf_counter() - start
+    stream.close()
+    return elapsed * 1e3
+
+
 def _prompt_of(llm: Any, n_tokens: int) -> tuple[str, list[int]]:
     """Text of exactly ``n_tokens`` tokens (BOS included) where the tokenizer allows, else just under."""
     words = (PARAGRAPH * (n_tokens // 20 + 2)).split()
@@ -263,13 +273,7 @@ def _ttft_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack, path: st
 
     def first_token(m: Any, cancellable: bool = False) -> Callable[[], float]:
         def run() -> float:
-            start = time.perf_counter()
-            ctx = Context.background().with_timeout(3600) if cancellable else None
-            stream = m.generate(text, max_tokens=1, ctx=ctx)
-            next(stream)
-            elapsed = time.perf_counter() - start
-            stream.close()
-            return elapsed * 1e3
+            return first_token_ms(m, text, Context.background().with_timeout(3600) if cancellable else None)
 
         return run
 
