@@ -213,3 +213,37 @@ def test_a_deadline_stops_a_long_batch_inside_a_decode(model_path: Path, call: s
         # about 3,000 tokens need 6 decodes of 512; the running one was stopped inside llama.cpp
         assert m.decode_calls - before <= 2
         assert isinstance(run(None), list)  # and the model is fine afterwards
+
+
+@pytest.mark.parametrize("call", ["classify", "batch_generate"])
+def test_a_batch_cut_short_leaves_the_next_one_working(model_path: Path, call: str) -> None:
+    """Found: a classify ended by its deadline between decodes left its sequences filled
+    (a shared prefix in sequence 0, copies pending), and the next call's decode failed."""
+    head = SYSTEM.split(". Keep")[0]  # a shared prefix past MIN_SHARED_PREFIX, the whole call
+    prompts = [f"{head}. Question {i}:" for i in range(2)]  # under WATCH_PREFILL_OVER: not aborted
+    with LlamaCppBackend().load_model(model_path) as m:
+        assert 32 <= len(m.tokenize(head)) and sum(len(m.tokenize(p)) for p in prompts) <= 128
+        run: Callable[[ci.Context | None], Any] = (
+            (lambda c: m.classify(prompts, ctx=c)) if call == "classify"
+            else (lambda c: m.batch_generate(prompts, max_tokens=4, ctx=c))
+        )
+        want = run(None)
+        for _ in range(3):
+            ctx = ci.Context.background().with_cancel()
+            before = m.decode_calls
+            canceller = threading.Thread(target=lambda: _cancel_after_a_decode(m, ctx, before))
+            canceller.start()
+            with pytest.raises(ci.Cancelled):
+                run(ctx)
+            canceller.join()
+            got = run(None)
+            assert [r.err for r in got] == [None] * len(prompts)
+            assert [r.tokens if call == "batch_generate" else r.token for r in got] == [
+                r.tokens if call == "batch_generate" else r.token for r in want
+            ]
+
+
+def _cancel_after_a_decode(m: LlamaCppModel, ctx: ci.Context, before: int) -> None:
+    while m.decode_calls == before:
+        pass  # spin: cancel as soon as the first decode (the shared prefix) has run
+    ctx.cancel()

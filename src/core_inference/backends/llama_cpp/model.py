@@ -462,21 +462,28 @@ class LlamaCppModel(BaseModel):
         per_seq = _round_up(max(map(len, group)) + 1, 64)
         with self._engine_lock:
             llama = self._batch_context(CLASSIFY_SEQS, per_seq)
-        outputs = self._pack_prefill(llama, group, ctx, me, rec)
-        with self._engine_lock:  # only this call decodes on the batch context: its logits still stand
-            out = []
-            for index in outputs:
-                sampler = self._engine.Sampler(cfg, self._model.n_vocab)
-                try:
-                    tid = sampler.sample(llama, index)
-                finally:
-                    sampler.free()
-                logits = llama.logits(index, self._model.n_vocab) if cfg.return_logits else None
-                text = self._model.piece(tid).decode("utf-8", "replace")
-                out.append((Token(tid, text), logits))
-            for seq in range(len(group)):
-                llama.clear_seq(seq)
-        return out
+        try:
+            outputs = self._pack_prefill(llama, group, ctx, me, rec)
+            with self._engine_lock:  # only this call decodes on the batch context: its logits still stand
+                out = []
+                for index in outputs:
+                    sampler = self._engine.Sampler(cfg, self._model.n_vocab)
+                    try:
+                        tid = sampler.sample(llama, index)
+                    finally:
+                        sampler.free()
+                    logits = llama.logits(index, self._model.n_vocab) if cfg.return_logits else None
+                    text = self._model.piece(tid).decode("utf-8", "replace")
+                    out.append((Token(tid, text), logits))
+            return out
+        finally:
+            # also when a deadline or cancel ended it part-way: the next call's sequences
+            # start empty (found: a cut-short classify left sequence 0 holding 30 positions,
+            # and the next call's decode failed)
+            with self._engine_lock:
+                if self._batch_ctx is llama:
+                    for seq in range(len(group)):
+                        llama.clear_seq(seq)
 
     def _pack_prefill(
         self, llama: Any, prompts: list[list[int]], ctx: Context, me: object | None, rec: MetricsRecorder
