@@ -231,7 +231,7 @@ def test_a_batch_cut_short_leaves_the_next_one_working(model_path: Path, call: s
         for _ in range(3):
             ctx = ci.Context.background().with_cancel()
             before = m.decode_calls
-            canceller = threading.Thread(target=lambda: _cancel_after_a_decode(m, ctx, before))
+            canceller = threading.Thread(target=_cancel_after_a_decode, args=(m, ctx, before))
             canceller.start()
             with pytest.raises(ci.Cancelled):
                 run(ctx)
