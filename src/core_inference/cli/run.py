@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -71,11 +72,23 @@ def open_model(path: str | None, cfg: LoadConfig, chat: bool = False) -> Loaded:
 def run_generate(
     prompt: str, model_path: str | None, load_cfg: LoadConfig, gen_cfg: GenerateConfig, metrics: bool
 ) -> None:
-    """Stream a completion of ``prompt`` to stdout, then the metrics to stderr if asked."""
+    """Stream a completion of ``prompt`` to stdout, then the metrics to stderr if asked.
+
+    Ctrl-C cancels the call's context, so the stream ends between two tokens and the
+    model closes as after any call; the status is still 130.
+    """
+    ctx = Context.background().with_cancel()
     with open_model(model_path, load_cfg).model as model:
-        stream_text(model.generate(prompt, gen_cfg), sys.stdout)
+        try:
+            with sigint_cancels(ctx):
+                stream_text(model.generate(prompt, gen_cfg, ctx=ctx), sys.stdout)
+        except Cancelled:
+            if not ctx.done():
+                raise
         if metrics:
             print_metrics(model.metrics(), sys.stderr)
+    if ctx.done():
+        raise KeyboardInterrupt  # reported as Ctrl-C anywhere else is: status 130
 
 
 def stream_text(tokens: Iterable[Token], out: TextIO, parts: list[str] | None = None) -> str:
@@ -201,7 +214,9 @@ def sigint_cancels(ctx: Context) -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         if ctx.done():
             raise KeyboardInterrupt
-        ctx.cancel()
+        # from another thread: the handler runs between two bytecodes of the main thread,
+        # which may hold the lock inside the context's event that cancel() takes
+        threading.Thread(target=ctx.cancel, name="core-inference ctrl-c", daemon=True).start()
 
     try:
         previous = signal.signal(signal.SIGINT, handler)

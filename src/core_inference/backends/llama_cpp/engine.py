@@ -6,6 +6,7 @@ the caller's engine lock; it knows nothing of the contract's streams or options.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import queue
@@ -109,6 +110,19 @@ def _flag_reader() -> Any:
 _FLAG_READER = _flag_reader()
 
 
+class _Call:
+    """One ``llama_decode`` handed to the decode thread, and how it ended."""
+
+    __slots__ = ("batch", "ctx", "done", "finished", "flag", "rc")
+
+    def __init__(self, ctx: Any, batch: Any, flag: Any) -> None:
+        self.ctx, self.batch, self.flag = ctx, batch, flag
+        self.rc = -1
+        self.finished = False  # set before ``done`` is released: the caller may already hold it
+        self.done = threading.Lock()
+        self.done.acquire()
+
+
 class _DecodeThread:
     """The one thread that runs ``llama_decode`` in this process, whoever asks for it.
 
@@ -125,40 +139,100 @@ class _DecodeThread:
 
     def __init__(self) -> None:
         self._start_lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[tuple[Any, Any, Any, list[int], threading.Lock]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._idle = threading.Condition(threading.Lock())
+        self._running: _Call | None = None
+        self._stopped = False
 
-    def decode(self, ctx: Any, batch: Any, flag: Any) -> int:
+    def decode(self, ctx: Any, batch: Any, flag: Any, held: list[BaseException] | None = None) -> int:
+        """Run ``llama_decode(ctx, batch)`` on the decode thread; its return code.
+
+        A Ctrl-C during it stops the decode and is raised; with ``held`` (a decode that
+        carries other threads' streams too) the decode runs to its end instead, and the
+        interrupt is put in ``held`` for the caller to raise once the others are served.
+
+        The caller never leaves while its decode runs, even on Ctrl-C: the batch and the
+        context must outlive it. Python raises ``KeyboardInterrupt`` in the main thread at
+        the first check after a C call returns, so it can arrive after ``done`` was
+        acquired as well as during the wait: ``finished`` tells the two apart (waiting for
+        ``done`` again after it was acquired hung a Ctrl-C'd command line for good).
+        """
         if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._serve, name="core-inference llama.cpp decode", daemon=True
-                    )
-                    self._thread.start()
-        result = [-1]
-        done = threading.Lock()
-        done.acquire()
-        self._jobs.put((ctx, batch, flag, result, done))
+            self._start()
+        if self._stopped:
+            return -1  # the process is exiting
+        call = _Call(ctx, batch, flag)
+        posted = False
         try:
-            done.acquire()
-        except BaseException:  # Ctrl-C while waiting: stop the decode, wait for it, then raise
-            flag[0] = b"\x01"
-            done.acquire()
-            raise
-        return result[0]
+            posted = True  # no interrupt can land between this and the put (a C call)
+            self._jobs.put(call)
+            call.done.acquire()
+        except BaseException as exc:  # Ctrl-C: stop the decode at its next graph node, wait, then raise
+            if posted:
+                if held is None:
+                    flag[0] = b"\x01"
+                while not call.finished:
+                    try:
+                        call.done.acquire(timeout=0.05)
+                    except BaseException:  # a second Ctrl-C: the first one is raised
+                        continue
+                if held is None:
+                    flag[0] = b"\x00"  # the context's next decode is not this one's to stop
+            if held is None or not posted:
+                raise
+            held.append(exc)
+        return call.rc
+
+    def wait_idle(self, ctx: Any) -> None:
+        """Return once no decode of ``ctx`` runs (before the context is freed)."""
+        with self._idle:
+            while self._running is not None and self._running.ctx is ctx:
+                self._idle.wait(0.1)
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="core-inference llama.cpp decode", daemon=True
+                )
+                self._thread.start()
+                atexit.register(self._stop)
+
+    def _stop(self) -> None:
+        """At exit: end a running decode and the thread, before ggml's own teardown runs.
+
+        The thread is a daemon (a stream left running must not keep the process alive);
+        left inside ``llama_decode`` while the process exits, it would run on in memory
+        that is being freed.
+        """
+        with self._idle:
+            self._stopped = True
+            if self._running is not None:
+                self._running.flag[0] = b"\x01"
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def _serve(self) -> None:
         while True:
-            ctx, batch, flag, result, done = self._jobs.get()
-            _decoding.abort_flag = flag  # for the log callback, which llama.cpp calls on this thread
+            call = self._jobs.get()
+            if call is None:
+                return
+            with self._idle:
+                self._running = call
+            _decoding.abort_flag = call.flag  # for the log callback, which llama.cpp calls on this thread
             try:
-                result[0] = int(L.llama_decode(ctx, batch))
+                call.rc = int(L.llama_decode(call.ctx, call.batch))
             except BaseException:  # nothing is raised here but a stray KeyboardInterrupt
-                result[0] = -1
+                call.rc = -1
             finally:
                 _decoding.abort_flag = None
-                done.release()
+                with self._idle:
+                    self._running = None
+                    self._idle.notify_all()
+                call.finished = True
+                call.done.release()
 
 
 _DECODER = _DecodeThread()
@@ -259,11 +333,14 @@ class Context:
             return False
         return low == 0 or (self.n_swa > 0 and low <= keep - self.n_swa)
 
-    def decode(self) -> None:
-        """Run the filled batch through the model (on the process's decode thread)."""
+    def decode(self, held: list[BaseException] | None = None) -> None:
+        """Run the filled batch through the model (on the process's decode thread).
+
+        ``held``: see ``_DecodeThread.decode`` (a Ctrl-C lets this decode finish, and is kept).
+        """
         self.batch.raw.n_tokens = self.batch.n
         self.decode_calls += 1
-        rc = _DECODER.decode(self.ptr, self.batch.raw, self._abort_flag)
+        rc = _DECODER.decode(self.ptr, self.batch.raw, self._abort_flag, held)
         if rc == 2 and self._abort_flag[0] != b"\x00":
             raise Aborted("llama_decode aborted")
         if rc != 0:
@@ -295,6 +372,9 @@ class Context:
         L.llama_perf_context_reset(self.ptr)
 
     def free(self) -> None:
+        if self.ptr:
+            self.abort()
+            _DECODER.wait_idle(self.ptr)  # a decode left running by an interrupted caller
         self.batch.free()
         if self.ptr:
             L.llama_free(self.ptr)

@@ -300,12 +300,16 @@ class LlamaCppModel(BaseModel):
         """One step (under the engine lock): every stream's next token in one decode, then chunks.
 
         A job's own failure (its call ended during its chunk, a decode error) is its
-        alone; the other jobs of the step go on.
+        alone; the other jobs of the step go on. So is a Ctrl-C in the leader's thread:
+        a decode of the leader's own streams stops at once, one that carries other
+        threads' streams runs to its end, and the interrupt is raised after the step.
         """
         llama, clock = self._ctx, time.perf_counter
         if self._closed.is_set() or llama is None:
             raise ModelClosed("model closed during generation")
         batch = llama.batch
+        me = threading.get_ident()
+        interrupts: list[BaseException] = []
         # in sequence order: llama.cpp splits a batch whose sequences come out of order into
         # more micro-batches (measured: 4 streams' step took 56 ms shuffled, 31 ms in order)
         decodes = sorted(decodes, key=lambda j: j.seq)
@@ -316,12 +320,14 @@ class LlamaCppModel(BaseModel):
             for j in group:
                 batch.add(j.tokens[0], j.pos, j.seq, True)
             try:
-                llama.decode()
+                llama.decode(interrupts if any(j.thread != me for j in group) else None)
                 for i, j in enumerate(group):
                     j.token = j.sampler.sample(llama, i)
             except Exception as exc:
                 for j in group:
                     j.error = exc
+            except BaseException as exc:
+                _interrupted(group, exc, me, interrupts)
             took = clock() - began
             for j in group:
                 j.seconds = took
@@ -332,12 +338,16 @@ class LlamaCppModel(BaseModel):
                 batch.clear()
                 for i, t in enumerate(j.tokens):
                     batch.add(t, j.pos + i, j.seq, j.sample and i == len(j.tokens) - 1)
-                self._decode_armed(llama, j.watched, j.ctx)
+                self._decode_armed(llama, j.watched, j.ctx, interrupts if j.thread != me else None)
                 if j.sample:
                     j.token = j.sampler.sample(llama, batch.n - 1)
             except Exception as exc:
                 j.error = exc
+            except BaseException as exc:
+                _interrupted([j], exc, me, interrupts)
             j.seconds = clock() - began
+        if interrupts:
+            raise interrupts[0]
 
     def _raise_if_ended(self, ctx: Context, when: str) -> None:
         """``Cancelled``/``DeadlineExceeded`` if ``ctx`` ended, ``ModelClosed`` ("model closed <when>")."""
@@ -345,15 +355,17 @@ class LlamaCppModel(BaseModel):
         if self._closed.is_set():
             raise ModelClosed(f"model closed {when}")
 
-    def _decode_armed(self, llama: Any, me: object | None, ctx: Context) -> None:
+    def _decode_armed(
+        self, llama: Any, me: object | None, ctx: Context, held: list[BaseException] | None = None
+    ) -> None:
         """``llama.decode()`` that the watcher of call ``me`` may abort (under the engine lock)."""
         if me is None:
-            llama.decode()
+            llama.decode(held)
             return
         with self._abort_lock:
             self._armed, self._armed_ctx = me, llama
         try:
-            llama.decode()
+            llama.decode(held)
         except self._engine.Aborted:
             self._raise_if_ended(ctx, "during prefill")
             raise  # not reached: only the watcher aborts, and only once the call has ended
@@ -723,3 +735,15 @@ def _quant_group(quant: str) -> int:
 
 
 __all__ = ["LlamaCppModel"]
+
+
+def _interrupted(jobs: list[Job], exc: BaseException, me: int, interrupts: list[BaseException]) -> None:
+    """A Ctrl-C (``exc``) in the leader's thread ``me`` during ``jobs``' part of a step.
+
+    The leader's own jobs end with it; another thread's job whose token was not sampled
+    ends with an ``EngineError`` saying why (never with a ``KeyboardInterrupt`` of its own).
+    """
+    interrupts.append(exc)
+    for j in jobs:
+        if j.token < 0 and j.error is None:
+            j.error = exc if j.thread == me else EngineError("llama.cpp step interrupted in another thread")

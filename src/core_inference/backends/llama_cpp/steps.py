@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...context import Context
@@ -30,32 +30,69 @@ GATHER_WAIT = 0.004  # seconds a leader waits for streams that were in the last 
 
 
 class FairLock:
-    """A lock granted in the order it was asked for.
+    """A lock granted in the order it was asked for, that Ctrl-C cannot leave held.
 
     ``threading.Lock`` lets a thread that releases and at once re-acquires it win again
     and again: a ``batch_generate`` looping over steps would starve the streams waiting
     for their turn between its steps. Tickets make the turns strict.
+
+    ``KeyboardInterrupt`` lands in the main thread after whichever C call it arrived in,
+    so it can leave ``acquire`` holding a ticket, or holding the lock, with no ``with``
+    block yet to release it; every later caller would then wait for good (a Ctrl-C'd
+    stream hung the next one). ``acquire`` therefore gives up its ticket, or the lock,
+    on the way out. The inner mutex is used as ``with self._mutex`` (a C lock, whose
+    ``__enter__``/``__exit__`` cannot be cut short), never as ``with self._cond``.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._next = 0  # the next ticket to hand out
-        self._serving = 0  # the ticket that holds the lock
+        self._serving = 0  # the ticket that holds the lock (or is about to)
+        self._abandoned: set[int] = set()  # tickets whose holders left before their turn
+        self._owner: int | None = None  # the thread that holds the lock
 
     def acquire(self) -> None:
-        with self._cond:
-            ticket = self._next
-            self._next += 1
-            while ticket != self._serving:
-                self._cond.wait()
+        me = threading.get_ident()
+        ticket = -1
+        try:
+            with self._mutex:
+                ticket = self._next
+                self._next = ticket + 1
+                while ticket != self._serving:
+                    self._cond.wait()
+                self._owner = me
+        except BaseException:
+            self._give_up(ticket, me)
+            raise
 
     def release(self) -> None:
-        with self._cond:
+        with self._mutex:
+            self._advance()
+
+    def _give_up(self, ticket: int, me: int) -> None:
+        """An interrupted ``acquire``: pass the lock on if it got it, else drop its ticket."""
+        with self._mutex:
+            if self._owner == me or (ticket >= 0 and ticket == self._serving):
+                self._advance()
+            elif ticket > self._serving:
+                self._abandoned.add(ticket)
+
+    def _advance(self) -> None:
+        """Hand the lock to the next ticket still waiting (the mutex is held)."""
+        self._owner = None
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
             self._serving += 1
-            self._cond.notify_all()
+        self._cond.notify_all()
 
     def __enter__(self) -> FairLock:
-        self.acquire()
+        try:
+            self.acquire()
+        except BaseException:  # Ctrl-C just after ``acquire`` returned: nothing would release it
+            self._give_up(-1, threading.get_ident())
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -83,6 +120,7 @@ class Job:
     seconds: float = 0.0
     done: bool = False
     gather_until: float | None = None  # when a leader stops waiting for the last step's streams
+    thread: int = field(default_factory=threading.get_ident)  # the stream's thread (Ctrl-C is its own)
 
     @property
     def decoding(self) -> bool:
@@ -111,10 +149,14 @@ class Steps:
         run_step: Callable[[list[Job], list[Job]], None],
         prefill_budget: int,
     ) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # used as ``with self._lock`` (a C lock): see FairLock on why not ``with self._cond``
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._pending: deque[Job] = deque()
         self._members: set[int] = set()  # the seqs of the streams in a call
         self._served: set[int] = set()  # members the last step served, awaited by the next
+        self._taken: list[Job] = []  # the running step's jobs (kept here, not in a leader's locals)
+        self._n_decodes = 0  # how many of ``_taken`` are decodes (the rest are prefill chunks)
         self._busy = False
         self._engine_lock = engine_lock
         self._run_step = run_step
@@ -124,41 +166,73 @@ class Steps:
     @contextmanager
     def member(self, seq: int) -> Iterator[None]:
         """Register a stream for the whole of its call (its absence ends the leader's wait)."""
-        with self._cond:
+        with self._lock:
             self._members.add(seq)
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._members.discard(seq)
                 self._served.discard(seq)
                 self._cond.notify_all()
 
     def run(self, job: Job) -> Job:
-        """Post ``job`` and return once a step did it: led by this thread or another one."""
-        cond = self._cond
-        with cond:
-            self._pending.append(job)
-            cond.notify_all()  # a leader gathering this step may be waiting for this job
-            while not job.done:
-                if self._busy:
-                    cond.wait(0.05)
-                    if not job.done and job in self._pending and job.ctx.done():
-                        self._pending.remove(job)  # not taken yet: leave now, not after a step
-                        job.ctx.raise_if_done()
-                    continue
-                if not self._gathered(job):
-                    continue
-                self._busy = True
-                decodes, chunks = self._take()
-                cond.release()
-                try:
-                    self._lead(decodes, chunks)
-                finally:
-                    cond.acquire()
-                    self._busy = False
-                    cond.notify_all()
-        return job
+        """Post ``job`` and return once a step did it: led by this thread or another one.
+
+        A step runs outside the lock; the next pass through the loop ends it. What a
+        leader took is in ``_taken``, so a ``KeyboardInterrupt`` landing anywhere leaves
+        no job that nobody will ever do, and no step marked busy for good.
+        """
+        lock, cond = self._lock, self._cond
+        posted = leading = False
+        try:
+            while True:
+                with lock:
+                    if leading:
+                        self._end_step()
+                        leading = False
+                    if not posted:
+                        self._pending.append(job)
+                        posted = True
+                        cond.notify_all()  # a leader gathering this step may be waiting for this job
+                    if job.done:
+                        return job
+                    if self._busy:
+                        cond.wait(0.05)
+                        if not job.done and job in self._pending and job.ctx.done():
+                            self._pending.remove(job)  # not taken yet: leave now, not after a step
+                            job.ctx.raise_if_done()
+                        continue
+                    if not self._gathered(job):
+                        continue
+                    self._busy = leading = True
+                    self._take()
+                self._lead()
+        except BaseException:
+            self._withdraw(job, leading)
+            raise
+
+    def _end_step(self) -> None:
+        """The leader's step is over (the lock is held): every job it took is done."""
+        for j in self._taken:
+            if not j.done:  # the leader was interrupted before it got to them
+                j.error = EngineError("llama.cpp step interrupted in another thread")
+                j.done = True
+        self._taken = []
+        self._busy = False
+        self._cond.notify_all()
+
+    def _withdraw(self, job: Job, leading: bool) -> None:
+        """``run`` is leaving with an exception: leave the loop as the others need it."""
+        with self._lock:
+            if job in self._pending:
+                self._pending.remove(job)
+            if leading:
+                self._end_step()
+            # taken by another leader: wait for its step, so the caller does not clear its
+            # sequence while a decode for it is still to come
+            while not job.done and job in self._taken:
+                self._cond.wait(0.05)
 
     def _gathered(self, job: Job) -> bool:
         """Whether to step now: every stream served last step has posted again, or the wait is over.
@@ -180,8 +254,9 @@ class Steps:
         self._cond.wait(deadline - now)
         return False
 
-    def _take(self) -> tuple[list[Job], list[Job]]:
-        """This step's jobs: every pending decode, then prefill chunks up to the budget (FIFO)."""
+    def _take(self) -> None:
+        """This step's jobs into ``_taken``: every pending decode, then prefill chunks up to the
+        budget (FIFO). Nothing is changed until the last lines, which make no calls."""
         decodes: list[Job] = []
         chunks: list[Job] = []
         budget = self._budget
@@ -194,25 +269,28 @@ class Steps:
                 budget -= len(job.tokens)
             else:
                 rest.append(job)
-        self._pending = rest
-        self._served = {j.seq for j in decodes + chunks} & self._members
-        return decodes, chunks
+        taken = decodes + chunks
+        served = {j.seq for j in taken} & self._members
+        self._taken, self._pending, self._served = taken, rest, served
+        self._n_decodes = len(decodes)
 
-    def _lead(self, decodes: list[Job], chunks: list[Job]) -> None:
+    def _lead(self) -> None:
+        taken = self._taken
+        decodes, chunks = taken[: self._n_decodes], taken[self._n_decodes :]
         try:
             with self._engine_lock:
                 self._run_step(decodes, chunks)
         except Exception as exc:  # the step as a whole failed: every job of it gets the error
-            for j in decodes + chunks:
+            for j in taken:
                 if j.error is None and j.token < 0:
                     j.error = exc
         except BaseException:  # Ctrl-C in the leader's thread: the leader's own; the others end
-            for j in decodes + chunks:
+            for j in taken:
                 if j.error is None and j.token < 0:
                     j.error = EngineError("llama.cpp step interrupted in another thread")
             raise
         finally:
-            for j in decodes + chunks:
+            for j in taken:
                 j.done = True
         st = self.stats
         st.steps += 1
