@@ -7,7 +7,9 @@ run counts how many outputs are the same token for token under
 - ``batch_generate`` of all the prompts in one call,
 - ``classify`` of all the prompts in one call (its token against ``generate``'s first,
   and its logits bit for bit against ``classify([prompt])`` alone),
-- 4 threads streaming ``generate`` on one model with 4 parallel slots.
+- 4 threads streaming ``generate`` on one model with 4 parallel slots,
+
+once with the engine's defaults and once with ``shared_decode=False, prefix_cache=False``.
 
 The figures are counts, not timings: a busy machine changes how calls interleave, not
 what llama.cpp computes for a given step, so they hold on any machine of the same kind.
@@ -44,6 +46,13 @@ WORDS = (
     "friend", "table", "under", "between", "always", "never", "because", "after", "before",
     "during", "through",
 )
+
+
+# the default (a decode shared by the streams, a prefix cache) and nothing shared at all
+CONFIGS: dict[str, dict[str, bool]] = {
+    "default": {},
+    "unshared": {"shared_decode": False, "prefix_cache": False},
+}
 
 
 def make_prompts(model: Any, n: int, seed: int, shortest: int = 5, longest: int = 400) -> list[str]:
@@ -129,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "independence.json"))
     args = ap.parse_args(argv)
     path = cast("Callable[..., Path]", ci.default_model_path)(progress=False)
-    began = time.time()
-    with ci.load_model(path, parallel_slots=4, threads=args.threads) as model:
-        prompts = make_prompts(model, args.prompts, args.seed)
-        result = measure(model, prompts, args.max_tokens)
-    result["seconds"] = round(time.time() - began, 1)
+    result: dict[str, Any] = {}
+    for name, options in CONFIGS.items():
+        began = time.time()
+        with ci.load_model(path, parallel_slots=4, threads=args.threads, engine_options=options) as model:
+            prompts = make_prompts(model, args.prompts, args.seed)
+            result[name] = {"engine_options": options, **measure(model, prompts, args.max_tokens)}
+        result[name]["seconds"] = round(time.time() - began, 1)
+        print(name, json.dumps(result[name]["shares"]), file=sys.stderr, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)

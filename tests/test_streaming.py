@@ -84,8 +84,9 @@ def run_matcher(stops: list[str], pieces: list[str]) -> tuple[str, bool, list[st
         out.append(text)
         if hit:
             return "".join(out), True, out
-    out.append(m.flush())
-    return "".join(out), False, out
+    text, hit = m.flush()
+    out.append(text)
+    return "".join(out), hit, out
 
 
 def test_stop_string_split_over_two_pieces() -> None:
@@ -100,12 +101,17 @@ def test_stop_string_split_over_three_pieces() -> None:
     assert out == ["Yes.", "", ""]
 
 
+def test_a_stop_held_behind_a_longer_one_is_a_hit_at_the_end() -> None:
+    # found by hypothesis: "a#" is held (it may be the start of "a#a"); the stream ends
+    assert run_matcher(["#", "a#a"], ["a#"])[:2] == ("a", True)
+
+
 def test_held_prefix_is_released_when_no_stop_follows() -> None:
     m = StopMatcher(["###"])
     assert m.feed("a#") == ("a", False)
     assert m.feed("#") == ("", False)
     assert m.feed("b") == ("##b", False)
-    assert m.flush() == ""
+    assert m.flush() == ("", False)
     text, hit, _ = run_matcher(["###"], ["x", "##"])
     assert (text, hit) == ("x##", False)  # held to the end, then flushed
 

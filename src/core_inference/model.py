@@ -20,7 +20,15 @@ from .context import Context
 from .errors import Cancelled, EngineError, InferenceError, ModelClosed
 from .options import apply_generate_opts
 from .results import AsyncTokenStream, CallResult, TokenStream, finish_reason_for
-from .streaming import MetricsRecorder, Piece, SlotQueue, TokenFinisher, afinish_tokens, finish_tokens
+from .streaming import (
+    MetricsRecorder,
+    Piece,
+    SlotQueue,
+    SlotTicket,
+    TokenFinisher,
+    afinish_tokens,
+    finish_tokens,
+)
 from .types import (
     BatchResult,
     Capabilities,
@@ -379,25 +387,33 @@ class BaseModel:
             if self._loop is not None:
                 self._loop.stop()
 
-    def _enter(self, ctx: Context) -> int:
-        holder = self._slots.acquire(ctx, self._closed)
-        return self._entered(holder)
-
-    async def _aenter(self, ctx: Context) -> int:
-        holder = await self._slots.aacquire(ctx, self._closed)
-        return self._entered(holder)
-
-    def _entered(self, holder: int) -> int:
+    def _enter(self, ctx: Context, ticket: SlotTicket) -> None:
+        """Count the call in and take a slot, each written in ``ticket`` as it happens."""
         with self._lock:
             self._active += 1
+            ticket.active = True
+        self._slots.acquire(ctx, self._closed, ticket)
         if self._closed.is_set():
-            self._leave(holder)
             raise ModelClosed("the model is closed")
-        return holder
 
-    def _leave(self, holder: int) -> None:
-        self._slots.release(holder)
+    async def _aenter(self, ctx: Context, ticket: SlotTicket) -> None:
         with self._lock:
+            self._active += 1
+            ticket.active = True
+        await self._slots.aacquire(ctx, self._closed, ticket)
+        if self._closed.is_set():
+            raise ModelClosed("the model is closed")
+
+    def _leave(self, ticket: SlotTicket) -> None:
+        """Give back what ``ticket`` shows the call took; the engine is freed after the last
+        call of a closed model."""
+        holder, ticket.holder = ticket.holder, None
+        if holder is not None:
+            self._slots.release(holder)
+        with self._lock:
+            if not ticket.active:
+                return
+            ticket.active = False
             self._active -= 1
             free_now = self._active == 0 and self._closed.is_set()
         if free_now:
@@ -433,16 +449,16 @@ class BaseModel:
              result: CallResult, owner: _Last) -> Iterator[Any]:
         """The stream generator: waits for a slot on first ``next()``, frees it at the end."""
         owner.err = None
-        try:
-            holder = self._enter(ctx)
-        except BaseException as exc:
-            self._ended(result, owner, None, exc)
-            raise
-        rec = MetricsRecorder()
-        fin = TokenFinisher(cfg, rec)
+        # one try from the first line: a Ctrl-C may land anywhere, and the slot is given back
+        ticket = SlotTicket()
+        rec: MetricsRecorder | None = None
+        fin: TokenFinisher | None = None
         raw: Iterator[Piece] | None = None
         failure: BaseException | None = None
         try:
+            self._enter(ctx, ticket)
+            rec = MetricsRecorder()
+            fin = TokenFinisher(cfg, rec)
             raw = self._raw(kind, payload, cfg, ctx, rec)
             yield from finish_tokens(raw, cfg, ctx, rec, self._closed, fin)
         except GeneratorExit:
@@ -455,7 +471,7 @@ class BaseModel:
         finally:
             _close(raw)
             self._ended(result, owner, rec, failure, fin)
-            self._leave(holder)
+            self._leave(ticket)
 
     def _ended(self, result: CallResult, owner: _Last, rec: MetricsRecorder | None,
                failure: BaseException | None, fin: TokenFinisher | None = None) -> None:
@@ -520,16 +536,17 @@ class BaseModel:
         import asyncio
 
         owner.err = None
-        try:
-            holder = await self._aenter(ctx)
-        except BaseException as exc:
-            self._ended(result, owner, None, exc)
-            raise
-        rec = MetricsRecorder()
-        fin = TokenFinisher(cfg, rec)
-        bridge = AsyncBridge(self.engine_loop(), self._araw(kind, payload, cfg, ctx, rec), ctx, self._closed)
+        ticket = SlotTicket()
+        rec: MetricsRecorder | None = None
+        fin: TokenFinisher | None = None
+        bridge: AsyncBridge[Piece] | None = None
         failure: BaseException | None = None
         try:
+            await self._aenter(ctx, ticket)
+            rec = MetricsRecorder()
+            fin = TokenFinisher(cfg, rec)
+            raw = self._araw(kind, payload, cfg, ctx, rec)
+            bridge = AsyncBridge(self.engine_loop(), raw, ctx, self._closed)
             async for tok in afinish_tokens(bridge, cfg, ctx, rec, self._closed, fin):
                 yield tok
         except (GeneratorExit, asyncio.CancelledError):
@@ -540,9 +557,10 @@ class BaseModel:
                 raise failure from exc
             raise
         finally:
-            bridge.close()
+            if bridge is not None:
+                bridge.close()
             self._ended(result, owner, rec, failure, fin)
-            self._leave(holder)
+            self._leave(ticket)
 
     def _call(self, work: Callable[[Context, MetricsRecorder], _R], ctx: Context | None) -> _R:
         ctx = ctx or _BACKGROUND
@@ -550,13 +568,15 @@ class BaseModel:
         owner = self._last()
         owner.err = None
         rec = MetricsRecorder()
+        ticket = SlotTicket()
         try:
-            holder = self._enter(ctx)
             try:
+                self._enter(ctx, ticket)
                 return work(ctx, rec)
             finally:
-                owner.metrics = rec.finish()
-                self._leave(holder)
+                if ticket.holder is not None:
+                    owner.metrics = rec.finish()
+                self._leave(ticket)
         except BaseException as exc:
             failure = self._mapped(exc)
             owner.err = failure

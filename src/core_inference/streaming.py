@@ -59,11 +59,13 @@ class StopMatcher:
         self._buf = ""
         return (buf, False) if cut == -1 else (buf[:cut], True)
 
-    def flush(self) -> str:
-        """Text held back at the end of the stream, cut at a stop string if one is there."""
+    def flush(self) -> tuple[str, bool]:
+        """(text held back at the end of the stream, whether a stop string was hit), cut at
+        the stop. A stop can be found only now: held while a longer stop that began
+        earlier might still have followed ("#" in "a#" with "a#a" also a stop)."""
         buf, self._buf = self._buf, ""
         cut, _ = self.earliest_match(buf)
-        return buf if cut == -1 else buf[:cut]
+        return (buf, False) if cut == -1 else (buf[:cut], True)
 
     def earliest_match(self, buf: str) -> tuple[int, str]:
         """(index, stop) of the earliest stop string in ``buf``, or (-1, "")."""
@@ -441,34 +443,58 @@ def engine_seed(seed: int, bits: int = 32) -> int:
     return value - 1 if value == top else value
 
 
+class SlotTicket:
+    """Which slot a call holds, written the moment it is taken.
+
+    ``KeyboardInterrupt`` lands in the main thread after whichever C call it arrived in,
+    so it can come between taking a slot and returning it to the caller; a slot known
+    only from a return value would then be lost for good, and once all were lost every
+    later call would wait forever. The caller keeps the ticket and gives back what it shows.
+    """
+
+    __slots__ = ("active", "holder")
+
+    def __init__(self) -> None:
+        self.holder: int | None = None  # the id ``release`` takes, once a slot is held
+        self.active = False  # counted among the model's calls in progress (``BaseModel``)
+
+
 class SlotQueue:
     """At most ``n`` calls run at once; the rest wait their turn, cancellable by context.
 
     It knows which thread holds each slot, so a thread that already holds every slot
     (a stream left open while it starts another call) gets an error instead of
-    waiting for itself forever.
+    waiting for itself forever. Its lock is a C lock used as ``with self._lock``
+    (``threading.Semaphore`` is Python code around a condition, which a Ctrl-C can
+    leave locked).
     """
 
     def __init__(self, n: int) -> None:
         self.size = max(1, n)
-        self._sem = threading.Semaphore(self.size)
+        self._free = self.size
         self._holders: dict[int, int] = {}  # thread ident -> slots it holds
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
 
-    def _took(self, holder: int) -> int:
-        with self._lock:
-            self._holders[holder] = self._holders.get(holder, 0) + 1
-        return holder
+    def _try_take(self, holder: int, ticket: SlotTicket | None) -> bool:
+        """Take a free slot for ``holder`` if there is one (the lock is held)."""
+        if self._free <= 0:
+            return False
+        self._free -= 1
+        if ticket is not None:
+            ticket.holder = holder  # no call between the two: nothing can land in between
+        self._holders[holder] = self._holders.get(holder, 0) + 1
+        return True
 
-    def acquire(self, ctx: Context, closed: threading.Event) -> int:
+    def acquire(self, ctx: Context, closed: threading.Event, ticket: SlotTicket | None = None) -> int:
         """Wait for a free slot, or raise if the context ends or the model closes.
 
-        Returns the holder's id, to give back to ``release``.
+        Returns the holder's id, to give back to ``release`` (also in ``ticket``).
         """
         me = threading.get_ident()
-        if self._sem.acquire(blocking=False):
-            return self._took(me)
         with self._lock:
+            if self._try_take(me, ticket):
+                return me
             mine = self._holders.get(me, 0)
         if mine >= self.size:
             raise InferenceError(
@@ -476,30 +502,38 @@ class SlotQueue:
                 "has not finished: finish or close() them before starting another call here, or "
                 "load the model with more parallel_slots"
             )
-        while not self._sem.acquire(timeout=0.02):
+        while True:
+            with self._lock:
+                if self._try_take(me, ticket):
+                    return me
+                self._cond.wait(0.02)
+                if self._try_take(me, ticket):
+                    return me
             ctx.raise_if_done()
             if closed.is_set():
                 raise ModelClosed("model closed while waiting for a slot")
-        return self._took(me)
 
-    async def aacquire(self, ctx: Context, closed: threading.Event) -> int:
+    async def aacquire(self, ctx: Context, closed: threading.Event, ticket: SlotTicket | None = None) -> int:
         """``acquire`` for an event loop: waits without blocking it (tasks may hold many slots)."""
         import asyncio
 
-        while not self._sem.acquire(blocking=False):
+        while True:
+            with self._lock:
+                if self._try_take(-1, ticket):
+                    return -1
             ctx.raise_if_done()
             if closed.is_set():
                 raise ModelClosed("model closed while waiting for a slot")
             await asyncio.sleep(0.01)
-        return self._took(-1)
 
     def release(self, holder: int | None = None) -> None:
         """Give a slot back (``holder``: what ``acquire`` returned; default this thread)."""
         holder = threading.get_ident() if holder is None else holder
         with self._lock:
+            self._free += 1
             left = self._holders.get(holder, 0) - 1
             if left > 0:
                 self._holders[holder] = left
             else:
                 self._holders.pop(holder, None)
-        self._sem.release()
+            self._cond.notify()

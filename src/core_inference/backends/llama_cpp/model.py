@@ -168,11 +168,14 @@ class LlamaCppModel(BaseModel):
     ) -> Iterator[Piece]:
         tokens = self._prompt_tokens(text)
         llama, model, steps = self._ctx, self._model, self._steps
-        seq, start = self._take_seq(tokens)
-        fed = tokens[:start]  # what the sequence's cache holds, kept for the next call if all goes well
+        took = [-1, 0]  # the sequence taken, and how many prompt tokens its cache holds already
+        fed: list[int] = []  # what the sequence's cache holds, kept for the next call if all goes well
         sampler = None
         clean = False  # the cache holds exactly ``fed``: the call ended between steps
         try:
+            self._take_seq(tokens, took)
+            seq, start = took
+            fed = tokens[:start]
             sampler = self._engine.Sampler(cfg, self._model.n_vocab)
             sampler.accept_all(tokens)
             with steps.member(seq):
@@ -212,13 +215,16 @@ class LlamaCppModel(BaseModel):
                 sampler.free()
             # A stream that ended in an error or a cancel inside a decode may have left cells
             # the bookkeeping does not know of: such a sequence is emptied, not kept.
-            self._give_seq(seq, fed, clean)
+            if took[0] >= 0:
+                self._give_seq(took[0], fed, clean)
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
 
     # -- slots and the prefix cache ----------------------------------------------------
 
-    def _take_seq(self, tokens: list[int]) -> tuple[int, int]:
-        """A free sequence for ``tokens`` and how many of its first tokens are already cached.
+    def _take_seq(self, tokens: list[int], took: list[int]) -> None:
+        """A free sequence for ``tokens`` and how many of its first tokens are already cached,
+        written into ``took`` (the sequence the moment it leaves the free list: a Ctrl-C
+        landing after that must not lose it).
 
         With the prefix cache on, the free sequence whose kept tokens share the longest
         prefix with the prompt is found. If all it keeps is a prefix of the prompt, it is
@@ -242,6 +248,7 @@ class LlamaCppModel(BaseModel):
             else:
                 empty = [s for s in free if s not in kept]
                 target = empty[0] if empty else free[0]
+            took[0] = target
             free.remove(target)
             kept.pop(target, None)
             llama = self._ctx
@@ -252,21 +259,27 @@ class LlamaCppModel(BaseModel):
                     llama.copy_seq(best, target)  # applied at the next decode, before it writes
                 else:
                     start = 0  # too short to be worth a copy
+            took[1] = start
             llama.truncate_seq(target, start)
-        return target, start
 
     def _give_seq(self, seq: int, kept: list[int], clean: bool) -> None:
-        """Return ``seq`` to the free list, keeping its cache for the next call when ``clean``."""
-        with self._engine_lock:
-            if self._ctx is not None and not (clean and self._prefix_cache and kept):
-                self._ctx.clear_seq(seq)
-                kept = []
+        """Return ``seq`` to the free list, keeping its cache for the next call when ``clean``.
+
+        Back on the list first, then emptied, under the sequence lock all along (so no call
+        takes it in between): a Ctrl-C landing in the middle loses no sequence, and one left
+        holding cells is emptied by ``_take_seq`` anyway.
+        """
+        keep = clean and self._prefix_cache and bool(kept)
         with self._seq_lock:
-            if kept:
+            if keep:
                 self._kept[seq] = kept
                 self._free_seqs.append(seq)  # the most recently used goes last
             else:
+                self._kept.pop(seq, None)
                 self._free_seqs.insert(0, seq)  # nothing kept: the first to be reused
+                with self._engine_lock:
+                    if self._ctx is not None:
+                        self._ctx.clear_seq(seq)
 
     def _prefill(
         self, tokens: list[int], start: int, seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder

@@ -99,6 +99,12 @@ class FairLock:
         self.release()
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class Job:
     """One stream's request for the next step: a prefill chunk, or one token to decode.
@@ -121,6 +127,8 @@ class Job:
     done: bool = False
     gather_until: float | None = None  # when a leader stops waiting for the last step's streams
     thread: int = field(default_factory=threading.get_ident)  # the stream's thread (Ctrl-C is its own)
+    wake: threading.Lock = field(default_factory=_held_lock, repr=False)  # released to wake that thread
+    woken: bool = False  # ``wake`` was released and not taken back yet (under the steps' lock)
 
     @property
     def decoding(self) -> bool:
@@ -166,9 +174,9 @@ class Steps:
     @contextmanager
     def member(self, seq: int) -> Iterator[None]:
         """Register a stream for the whole of its call (its absence ends the leader's wait)."""
-        with self._lock:
-            self._members.add(seq)
         try:
+            with self._lock:
+                self._members.add(seq)
             yield
         finally:
             with self._lock:
@@ -182,9 +190,14 @@ class Steps:
         A step runs outside the lock; the next pass through the loop ends it. What a
         leader took is in ``_taken``, so a ``KeyboardInterrupt`` landing anywhere leaves
         no job that nobody will ever do, and no step marked busy for good.
+
+        A follower sleeps on its own job's ``wake`` lock, released when its step is over
+        or when it should lead the next one; only a gathering leader waits on the
+        condition. (All of them waiting on it, every post woke every stream: 16 streams
+        made 256 wake-ups a step.)
         """
-        lock, cond = self._lock, self._cond
-        posted = leading = False
+        lock = self._lock
+        posted = leading = follow = False
         try:
             while True:
                 with lock:
@@ -194,33 +207,49 @@ class Steps:
                     if not posted:
                         self._pending.append(job)
                         posted = True
-                        cond.notify_all()  # a leader gathering this step may be waiting for this job
+                        self._cond.notify_all()  # a leader gathering this step may be waiting for it
                     if job.done:
                         return job
-                    if self._busy:
-                        cond.wait(0.05)
-                        if not job.done and job in self._pending and job.ctx.done():
+                    follow = self._busy
+                    if follow:
+                        if job in self._pending and job.ctx.done():
                             self._pending.remove(job)  # not taken yet: leave now, not after a step
                             job.ctx.raise_if_done()
-                        continue
-                    if not self._gathered(job):
-                        continue
-                    self._busy = leading = True
-                    self._take()
-                self._lead()
+                        if job.woken:  # a wake-up from before this wait: take it back
+                            job.wake.acquire(False)
+                            job.woken = False
+                    else:
+                        if not self._gathered(job):
+                            continue
+                        self._busy = leading = True
+                        self._take()
+                if follow:
+                    job.wake.acquire(timeout=0.05)  # at most this long between checks of its context
+                else:
+                    self._lead()
         except BaseException:
             self._withdraw(job, leading)
             raise
 
+    def _wake(self, job: Job) -> None:
+        """Wake the thread of ``job`` (the lock is held)."""
+        if not job.woken:
+            job.woken = True
+            job.wake.release()
+
     def _end_step(self) -> None:
-        """The leader's step is over (the lock is held): every job it took is done."""
+        """The leader's step is over (the lock is held): every job it took is done; the
+        streams of those jobs are woken, and one stream still waiting, to lead the next step."""
         for j in self._taken:
             if not j.done:  # the leader was interrupted before it got to them
                 j.error = EngineError("llama.cpp step interrupted in another thread")
                 j.done = True
+            self._wake(j)
         self._taken = []
         self._busy = False
-        self._cond.notify_all()
+        if self._pending:
+            self._wake(self._pending[0])
+        self._cond.notify_all()  # a caller leaving with an exception may wait for its step
 
     def _withdraw(self, job: Job, leading: bool) -> None:
         """``run`` is leaving with an exception: leave the loop as the others need it."""
