@@ -247,3 +247,12 @@ def _cancel_after_a_decode(m: LlamaCppModel, ctx: ci.Context, before: int) -> No
     while m.decode_calls == before:
         pass  # spin: cancel as soon as the first decode (the shared prefix) has run
     ctx.cancel()
+
+
+def test_a_one_token_prompt_into_a_slot_that_kept_another_prompt(model_path: Path) -> None:
+    # The prompt's only chunk is one token: it must still be a chunk that empties the
+    # sequence first, not a decode beside the other streams' (llama.cpp refused the batch).
+    with LlamaCppBackend().load_model(model_path, parallel_slots=1) as m:
+        alone = ids(m.generate("", max_tokens=6))
+        assert ids(m.generate("The capital of France is", max_tokens=6))
+        assert ids(m.generate("", max_tokens=6)) == alone

@@ -168,18 +168,18 @@ class LlamaCppModel(BaseModel):
     ) -> Iterator[Piece]:
         tokens = self._prompt_tokens(text)
         llama, model, steps = self._ctx, self._model, self._steps
-        took = [-1, 0]  # the sequence taken, and how many prompt tokens its cache holds already
+        took = [-1, 0, 0]  # the sequence taken, how many prompt tokens it holds, whether to empty it
         fed: list[int] = []  # what the sequence's cache holds, kept for the next call if all goes well
         sampler = None
         clean = False  # the cache holds exactly ``fed``: the call ended between steps
         try:
             self._take_seq(tokens, took)
-            seq, start = took
+            seq, start, reset = took
             fed = tokens[:start]
             sampler = self._engine.Sampler(cfg, self._model.n_vocab)
             sampler.accept_all(tokens)
             with steps.member(seq):
-                tid = self._prefill(tokens, start, seq, ctx, sampler, rec)
+                tid = self._prefill(tokens, start, seq, ctx, sampler, rec, bool(reset))
                 fed = list(tokens)
                 rec.prefill_done(len(tokens))
                 rec.cached_prompt_tokens = start
@@ -232,9 +232,13 @@ class LlamaCppModel(BaseModel):
         cache is copied into an empty sequence, else the least recently used one, so the
         other conversation stays kept. Only the rest of the prompt is prefilled, from
         where ``_reuse_start`` says.
+
+        With nothing to reuse, the engine is not waited for here: the step that decodes the
+        first chunk empties the sequence (``took[2]``). A call waiting here for a running
+        step, then posting its prompt for the step after, spread 16 streams' prefills over
+        as many steps, each with every started stream's decode in it.
         """
-        # both locks: the source sequence must not be taken and rewritten before the copy
-        with self._seq_lock, self._engine_lock:
+        with self._seq_lock:  # no other call takes a sequence (the source of a copy) meanwhile
             free, kept = self._free_seqs, self._kept
             best, common = -1, 0
             if self._prefix_cache:
@@ -251,16 +255,20 @@ class LlamaCppModel(BaseModel):
             took[0] = target
             free.remove(target)
             kept.pop(target, None)
-            llama = self._ctx
-            if start and not llama.can_keep(best, start):
-                start = 0  # the sliding-window layers no longer hold what the prefix needs
-            if start and target != best:
-                if start >= MIN_SHARED_PREFIX:
-                    llama.copy_seq(best, target)  # applied at the next decode, before it writes
-                else:
-                    start = 0  # too short to be worth a copy
-            took[1] = start
-            llama.truncate_seq(target, start)
+            if start == 0:
+                took[2] = 1
+                return
+            with self._engine_lock:
+                llama = self._ctx
+                if not llama.can_keep(best, start):
+                    start = 0  # the sliding-window layers no longer hold what the prefix needs
+                if start and target != best:
+                    if start >= MIN_SHARED_PREFIX:
+                        llama.copy_seq(best, target)  # applied at the next decode, before it writes
+                    else:
+                        start = 0  # too short to be worth a copy
+                took[1] = start
+                llama.truncate_seq(target, start)
 
     def _give_seq(self, seq: int, kept: list[int], clean: bool) -> None:
         """Return ``seq`` to the free list, keeping its cache for the next call when ``clean``.
@@ -282,7 +290,8 @@ class LlamaCppModel(BaseModel):
                         self._ctx.clear_seq(seq)
 
     def _prefill(
-        self, tokens: list[int], start: int, seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder
+        self, tokens: list[int], start: int, seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder,
+        reset: bool = False,
     ) -> int:
         """Prefill ``tokens[start:]`` as step jobs, one chunk each; return the first new token.
 
@@ -299,7 +308,8 @@ class LlamaCppModel(BaseModel):
                 self._raise_if_ended(ctx, "during prefill")
                 end = min(len(tokens), (pos // step + 1) * step)
                 last = end == len(tokens)
-                job = self._steps.run(Job(seq, tokens[pos:end], pos, last, sampler, ctx, me))
+                job = self._steps.run(Job(seq, tokens[pos:end], pos, last, sampler, ctx, me, reset=reset))
+                reset = False
                 rec.prefill_duration += job.seconds
                 if job.error is not None:
                     raise job.error
@@ -348,6 +358,8 @@ class LlamaCppModel(BaseModel):
             began = clock()
             try:
                 self._raise_if_ended(j.ctx, "during prefill")
+                if j.reset:  # the sequence's first chunk: whatever it held before goes
+                    llama.truncate_seq(j.seq, j.pos)
                 batch.clear()
                 for i, t in enumerate(j.tokens):
                     batch.add(t, j.pos + i, j.seq, j.sample and i == len(j.tokens) - 1)

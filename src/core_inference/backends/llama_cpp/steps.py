@@ -121,6 +121,7 @@ class Job:
     sampler: Any
     ctx: Context
     watched: object | None = None  # the prefill watcher's key: this chunk's decode may be aborted
+    reset: bool = False  # empty the sequence from ``pos`` on before this chunk (its first)
     token: int = -1
     error: BaseException | None = None
     seconds: float = 0.0
@@ -132,7 +133,8 @@ class Job:
 
     @property
     def decoding(self) -> bool:
-        return len(self.tokens) == 1 and self.sample and self.watched is None
+        """A stream's next token (the step's shared decode), not a prefill chunk."""
+        return len(self.tokens) == 1 and self.sample and self.watched is None and not self.reset
 
 
 @dataclass
