@@ -214,7 +214,7 @@ class LlamaCppModel(BaseModel):
             if sampler is not None:
                 sampler.free()
             # A stream that ended in an error or a cancel inside a decode may have left cells
-            # the bookkeeping does not know of: such a sequence is emptied, not kept.
+            # the bookkeeping does not know of: such a sequence is not kept.
             if took[0] >= 0:
                 self._give_seq(took[0], fed, clean)
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
@@ -273,9 +273,9 @@ class LlamaCppModel(BaseModel):
     def _give_seq(self, seq: int, kept: list[int], clean: bool) -> None:
         """Return ``seq`` to the free list, keeping its cache for the next call when ``clean``.
 
-        Back on the list first, then emptied, under the sequence lock all along (so no call
-        takes it in between): a Ctrl-C landing in the middle loses no sequence, and one left
-        holding cells is emptied by ``_take_seq`` anyway.
+        A sequence not kept is not emptied here (that would wait for a running step): the
+        next call that takes it empties it, or copies a prefix over it (``_take_seq``), so
+        what a cancelled or failed call left in it is never read.
         """
         keep = clean and self._prefix_cache and bool(kept)
         with self._seq_lock:
@@ -285,9 +285,6 @@ class LlamaCppModel(BaseModel):
             else:
                 self._kept.pop(seq, None)
                 self._free_seqs.insert(0, seq)  # nothing kept: the first to be reused
-                with self._engine_lock:
-                    if self._ctx is not None:
-                        self._ctx.clear_seq(seq)
 
     def _prefill(
         self, tokens: list[int], start: int, seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder,
