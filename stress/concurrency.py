@@ -147,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=4, help="parallel_slots of the model")
     ap.add_argument("--engine-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared", action="store_true",
+                    help="the engine's defaults (streams share decodes: answers may differ from alone)")
     ap.add_argument("--model", default=None, help="GGUF path (default: the embedded default model)")
     ap.add_argument("--out", default=str(here / "results" / "concurrency.json"))
     args = ap.parse_args(argv)
-    with ci.load_model(args.model, parallel_slots=args.slots, threads=args.engine_threads) as model:
+    options = {} if args.shared else {"shared_decode": False, "prefix_cache": False}
+    with ci.load_model(args.model, parallel_slots=args.slots, threads=args.engine_threads,
+                       engine_options=options) as model:
         result = run_concurrency(
             model, args.threads, args.calls, max_tokens=args.max_tokens, seed=args.seed
         )

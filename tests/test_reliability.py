@@ -61,6 +61,9 @@ def texts(tokens: Any) -> str:
     return "".join(t.text for t in tokens)
 
 
+UNSHARED = {"shared_decode": False, "prefix_cache": False}
+
+
 @pytest.fixture(scope="module")
 def model(default_model_file: Path) -> Iterator[Any]:
     m = ci.load_model(default_model_file, parallel_slots=4, threads=1)
@@ -425,9 +428,22 @@ def test_concurrent_batch_calls_do_not_mix(model: Any) -> None:
     assert bad == []
 
 
-def test_concurrency_short(model: Any) -> None:
-    """8 threads x 5 calls mixing all four kinds (stress/concurrency.py runs 16 x 50)."""
-    result = stress_module("concurrency").run_concurrency(model, threads=8, calls=5, max_tokens=6, seed=3)
+@pytest.fixture(scope="module")
+def unshared(default_model_file: Path) -> Iterator[Any]:
+    """Nothing shared between streams: each answer is its prompt's alone (docs/reliability.md, 4)."""
+    m = ci.load_model(default_model_file, parallel_slots=4, threads=1, engine_options=UNSHARED)
+    yield m
+    m.close()
+
+
+def test_concurrency_short(unshared: Any) -> None:
+    """8 threads x 5 calls mixing all four kinds (stress/concurrency.py runs 16 x 50).
+
+    With the default options a token decoded in one step with other streams' tokens may
+    differ from the same token decoded alone (83.5% of 200 prompts kept every token), so
+    "equal to alone" is checked where it is promised: nothing shared.
+    """
+    result = stress_module("concurrency").run_concurrency(unshared, threads=8, calls=5, max_tokens=6, seed=3)
     assert result["errors"] == []
     assert result["mismatches"] == []
     assert sum(result["by_kind"].values()) == 40
