@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ from core_inference.formats.gguf import read_gguf
 from core_inference.memory import cpu_count, process_memory
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def model(model_path: Path) -> Iterator[LlamaCppModel]:
-    m = LlamaCppBackend().load_model(model_path, parallel_slots=4)
-    assert isinstance(m, LlamaCppModel)
-    yield m
-    m.close()
 
 
 def text(tokens: list[ci.Token]) -> str:

@@ -7,7 +7,7 @@ bench (``llama_cpp_batching``) measures speed; these check what happens.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +17,14 @@ import core_inference as ci
 from core_inference.backends.llama_cpp import LlamaCppBackend
 from core_inference.backends.llama_cpp.model import LlamaCppModel, _reuse_start
 
+from .conftest import ids
+
 SYSTEM = (
     "You are a careful assistant for a small public library. You answer questions about "
     "opening hours, borrowing rules, late fees, the reading room, printing, and the children's "
     "corner. Keep answers short and polite, and say when you do not know. "
 ) * 3
 QUESTIONS = ["When do you open on Sunday?", "How many books can I borrow?", "Is there a printer?"]
-EXACT = {"prefix_cache": False, "shared_decode": False}
-
-
-@pytest.fixture(scope="module")
-def model(model_path: Path) -> Iterator[LlamaCppModel]:
-    m = LlamaCppBackend().load_model(model_path, parallel_slots=4)
-    assert isinstance(m, LlamaCppModel)
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
-def exact(model_path: Path) -> Iterator[LlamaCppModel]:
-    """The same model with nothing shared: every answer as the prompt alone gives it."""
-    m = LlamaCppBackend().load_model(model_path, parallel_slots=4, engine_options=EXACT)
-    assert isinstance(m, LlamaCppModel)
-    yield m
-    m.close()
-
-
-def ids(tokens: Any) -> list[int]:
-    return [t.id for t in tokens]
 
 
 def test_reuse_start_keeps_the_rows_of_a_whole_prefill() -> None:

@@ -18,18 +18,16 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from core_inference import GenerateConfig
-from core_inference.backends.llama_cpp import LlamaCppBackend
 from core_inference.backends.llama_cpp.model import LlamaCppModel
+
+from .conftest import ids
 
 STORY = "Once upon a time"
 QUESTION = "The capital of France is"
-EXACT = {"prefix_cache": False, "shared_decode": False}
 
 
 @pytest.fixture(autouse=True)
@@ -44,26 +42,6 @@ def watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
     finally:
         faulthandler.cancel_dump_traceback_later()
         stderr.close()
-
-
-@pytest.fixture(scope="module")
-def model(model_path: Path) -> Iterator[LlamaCppModel]:
-    m = LlamaCppBackend().load_model(model_path, parallel_slots=2)
-    assert isinstance(m, LlamaCppModel)
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
-def exact(model_path: Path) -> Iterator[LlamaCppModel]:
-    m = LlamaCppBackend().load_model(model_path, parallel_slots=2, engine_options=EXACT)
-    assert isinstance(m, LlamaCppModel)
-    yield m
-    m.close()
-
-
-def ids(tokens: Any) -> list[int]:
-    return [t.id for t in tokens]
 
 
 def ctrl_c_at_random(rounds: int, within: float, body: Callable[[], object], seed: int = 0) -> int:
