@@ -18,6 +18,7 @@ Usage::
 
     python stress/independence.py                      # 200 prompts -> stress/results/independence.json
     python stress/independence.py --prompts 20 --max-tokens 8
+    python stress/independence.py --config unshared   # re-measure one configuration, keep the other
 
 The test suite (``tests/backends/test_llama_cpp.py``) checks each property on a handful
 of prompts; this measures the shares over many.
@@ -136,18 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "independence.json"))
+    ap.add_argument("--config", action="append", choices=list(CONFIGS),
+                    help="only this configuration (repeatable); the others' figures in --out are kept")
     args = ap.parse_args(argv)
     path = cast("Callable[..., Path]", ci.default_model_path)(progress=False)
-    result: dict[str, Any] = {}
+    out = Path(args.out)
+    result: dict[str, Any] = json.loads(out.read_text()) if args.config and out.exists() else {}
     for name, options in CONFIGS.items():
+        if args.config and name not in args.config:
+            continue
         began = time.time()
         with ci.load_model(path, parallel_slots=4, threads=args.threads, engine_options=options) as model:
             prompts = make_prompts(model, args.prompts, args.seed)
             result[name] = {"engine_options": options, **measure(model, prompts, args.max_tokens)}
         result[name]["seconds"] = round(time.time() - began, 1)
         print(name, json.dumps(result[name]["shares"]), file=sys.stderr, flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -81,8 +81,9 @@ class LlamaCppModel(BaseModel):
         self._seq_lock = threading.Lock()  # guards _free_seqs and _kept
         self._kept: dict[int, list[int]] = {}  # per free sequence: the tokens its cache holds
         self._prefix_cache = _flag(cfg.engine_options.get("prefix_cache", True), "prefix_cache")
-        # False: each stream's token gets a decode of its own (answers independent of the
-        # neighbours, at the cost of the throughput that sharing a decode brings)
+        # False: each stream's token gets a decode of its own, and classify/batch_generate run
+        # each prompt as generate would alone (answers independent of the neighbours, at the
+        # cost of the throughput that sharing a decode brings)
         self._shared_decode = _flag(cfg.engine_options.get("shared_decode", True), "shared_decode")
         self._steps = Steps(self._engine_lock, self._run_step, chunk)
         try:
@@ -166,7 +167,12 @@ class LlamaCppModel(BaseModel):
     def _decode_stream(
         self, text: str, stop: frozenset[int], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
     ) -> Iterator[Piece]:
-        tokens = self._prompt_tokens(text)
+        return self._stream(self._prompt_tokens(text), stop, cfg, ctx, rec)
+
+    def _stream(
+        self, tokens: list[int], stop: frozenset[int], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> Generator[Piece, None, None]:
+        """A prompt's tokens streamed through the step loop in one of the slots' sequences."""
         llama, model, steps = self._ctx, self._model, self._steps
         took = [-1, 0, 0]  # the sequence taken, how many prompt tokens it holds, whether to empty it
         fed: list[int] = []  # what the sequence's cache holds, kept for the next call if all goes well
@@ -288,9 +294,10 @@ class LlamaCppModel(BaseModel):
 
     def _prefill(
         self, tokens: list[int], start: int, seq: int, ctx: Context, sampler: Any, rec: MetricsRecorder,
-        reset: bool = False,
+        reset: bool = False, logits: list[Any] | None = None,
     ) -> int:
-        """Prefill ``tokens[start:]`` as step jobs, one chunk each; return the first new token.
+        """Prefill ``tokens[start:]`` as step jobs, one chunk each; return the first new token
+        (and append its logits row to ``logits``, when given).
 
         Chunks are cut at multiples of ``prefill_chunk`` from the prompt's first position,
         whatever else runs, so a prompt's logits do not depend on the load. A long prompt
@@ -305,7 +312,8 @@ class LlamaCppModel(BaseModel):
                 self._raise_if_ended(ctx, "during prefill")
                 end = min(len(tokens), (pos // step + 1) * step)
                 last = end == len(tokens)
-                job = self._steps.run(Job(seq, tokens[pos:end], pos, last, sampler, ctx, me, reset=reset))
+                job = self._steps.run(Job(seq, tokens[pos:end], pos, last, sampler, ctx, me, reset=reset,
+                                          want_logits=last and logits is not None))
                 reset = False
                 rec.prefill_duration += job.seconds
                 if job.error is not None:
@@ -313,6 +321,8 @@ class LlamaCppModel(BaseModel):
                 pos = end
                 rec.prompt_tokens = pos  # how far prefill got, if it is cut short
                 if last:
+                    if logits is not None:
+                        logits.append(job.logits)
                     return job.token
         raise ValueError("prompt: no tokens to decode")
 
@@ -363,6 +373,8 @@ class LlamaCppModel(BaseModel):
                 self._decode_armed(llama, j.watched, j.ctx, interrupts if j.thread != me else None)
                 if j.sample:
                     j.token = j.sampler.sample(llama, batch.n - 1)
+                if j.want_logits:
+                    j.logits = llama.logits(batch.n - 1, self._model.n_vocab)
             except Exception as exc:
                 j.error = exc
             except BaseException as exc:
@@ -457,6 +469,11 @@ class LlamaCppModel(BaseModel):
         done: dict[int, tuple[Token, Any]] = {}
         keys = list(encoded)
         rec.prefill_duration = 0.0
+        if not self._shared_decode:
+            for k in keys:
+                done[k] = self._classify_alone(encoded[k], cfg, ctx, rec)
+                rec.first_token = rec.first_token or time.perf_counter()
+            keys = []
         with self._batch_turn(ctx), self._watch(ctx, _total(encoded) > WATCH_PREFILL_OVER) as me:
             for start in range(0, len(keys), CLASSIFY_SEQS):
                 group = keys[start : start + CLASSIFY_SEQS]
@@ -468,6 +485,36 @@ class LlamaCppModel(BaseModel):
         rec.prefill_end = time.perf_counter()
         rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
         return classify_results(len(prompts), encoded, errors, done, rec)
+
+    def _classify_alone(
+        self, tokens: list[int], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+    ) -> tuple[Token, Any]:
+        """One prompt's classify as ``generate`` prefills it (``shared_decode=False``): the
+        same sequence, chunks and sampler, so its token is ``generate``'s first, whatever
+        else the call or the model carries."""
+        took = [-1, 0, 0]
+        sampler = None
+        clean = False
+        logits: list[Any] = []
+        mine = MetricsRecorder()
+        try:
+            self._take_seq(tokens, took)
+            seq, start, reset = took
+            sampler = self._engine.Sampler(cfg, self._model.n_vocab)
+            sampler.accept_all(tokens)
+            with self._steps.member(seq):
+                want = logits if cfg.return_logits else None
+                tid = self._prefill(tokens, start, seq, ctx, sampler, mine, bool(reset), want)
+            rec.cached_prompt_tokens += start
+            clean = True
+        finally:
+            if sampler is not None:
+                sampler.free()
+            if took[0] >= 0:
+                self._give_seq(took[0], tokens, clean)
+            rec.prefill_duration = (rec.prefill_duration or 0.0) + (mine.prefill_duration or 0.0)
+        text = self._model.piece(tid).decode("utf-8", "replace")
+        return Token(tid, text), (logits[0] if logits else None)
 
     @contextmanager
     def _batch_turn(self, ctx: Context) -> Iterator[None]:
@@ -500,9 +547,10 @@ class LlamaCppModel(BaseModel):
             outputs = self._pack_prefill(llama, group, ctx, me, rec)
             with self._engine_lock:  # only this call decodes on the batch context: its logits still stand
                 out = []
-                for index in outputs:
+                for index, prompt in zip(outputs, group, strict=True):
                     sampler = self._engine.Sampler(cfg, self._model.n_vocab)
                     try:
+                        sampler.accept_all(prompt)  # as generate's: penalties see the prompt
                         tid = sampler.sample(llama, index)
                     finally:
                         sampler.free()
@@ -584,7 +632,10 @@ class LlamaCppModel(BaseModel):
             except Exception as exc:  # one bad prompt does not sink the batch
                 errors[i] = exc
         book = BatchBook(encoded, errors, cfg, rec)
-        if encoded and cfg.max_tokens:
+        if encoded and cfg.max_tokens and not self._shared_decode:
+            for k in encoded:
+                self._generate_alone(k, encoded[k], book, cfg, ctx)
+        elif encoded and cfg.max_tokens:
             keys = list(encoded)
             with self._batch_turn(ctx), self._watch(ctx, _total(encoded) > WATCH_PREFILL_OVER) as me:
                 for start in range(0, len(keys), BATCH_SEQS):
@@ -592,6 +643,27 @@ class LlamaCppModel(BaseModel):
                     self._decode_together(group, encoded, book, cfg, ctx, rec, me)
         rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
         return book.results(len(prompts))
+
+    def _generate_alone(
+        self, key: int, tokens: list[int], book: BatchBook, cfg: GenerateConfig, ctx: Context
+    ) -> None:
+        """One prompt of a ``batch_generate`` streamed as ``generate`` would stream it
+        (``shared_decode=False``), through its finisher: the same tokens as a call alone."""
+        fin, mine = book.finishers[key], MetricsRecorder()
+        pieces = self._stream(tokens, frozenset(), cfg, ctx, mine)
+        try:
+            for tid, piece in pieces:
+                book.tokens[key] += fin.push(tid, piece)
+                if fin.finish_reason is not None:
+                    break
+            else:
+                book.tokens[key] += fin.end(mine.finish_reason or "end_of_text")
+        finally:
+            pieces.close()
+            rec = book.rec
+            rec.prefill_duration = (rec.prefill_duration or 0.0) + (mine.prefill_duration or 0.0)
+            rec.decode_duration = (rec.decode_duration or 0.0) + (mine.decode_duration or 0.0)
+            rec.cached_prompt_tokens += mine.cached_prompt_tokens
 
     def _decode_together(
         self,

@@ -122,7 +122,9 @@ class Job:
     ctx: Context
     watched: object | None = None  # the prefill watcher's key: this chunk's decode may be aborted
     reset: bool = False  # empty the sequence from ``pos`` on before this chunk (its first)
+    want_logits: bool = False  # copy out the logits row the token is sampled from (classify)
     token: int = -1
+    logits: Any = None
     error: BaseException | None = None
     seconds: float = 0.0
     done: bool = False
