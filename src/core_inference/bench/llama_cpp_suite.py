@@ -335,6 +335,11 @@ def _batch_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> Row:
         seen["generate_tokens"] = counts
         return sum(counts)
 
+    exact = _exact_model(model, stack)
+
+    def ours_exact() -> int:
+        return sum(len(r.tokens) for r in exact.batch_generate(prompts, max_tokens=n))
+
     engine = _BatchDecoder(llm, cfg.threads, prompts, n)
     stack.callback(engine.free)
     seq_name = f"ours: {len(prompts)} x generate, one after another"
@@ -345,14 +350,29 @@ def _batch_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> Row:
         sides=[
             Side("ours: batch_generate", _timed(ours_batch), True),
             Side(seq_name, _timed(ours_sequential), True),
+            Side(EXACT_BATCH, _timed(ours_exact), True),
             Side("llama_decode batched loop (C API), no sampling", _timed(engine.run), False),
         ],
         reference=seq_name,
         targets=[Target("ours: batch_generate", ">=", 2.5, seq_name)],
         note="aggregate generated tokens/s; the engine row packs the same prompts as sequences of one "
-        "batch and feeds back a fixed token per sequence (the ceiling: no sampling, no text)",
+        "batch and feeds back a fixed token per sequence (the ceiling: no sampling, no text); "
+        "shared_decode=False runs each prompt as a generate of it alone (answers independent of the "
+        "batch, docs/reliability.md)",
         info=seen,
     )
+
+
+EXACT_BATCH = "ours: batch_generate, shared_decode=False (each prompt as alone)"
+EXACT_CLASSIFY = "ours: classify, shared_decode=False (each sentence as alone)"
+
+
+def _exact_model(model: Any, stack: ExitStack) -> Any:
+    """The same model with nothing shared, freed with the row: what exact answers cost."""
+    from .. import load_model
+
+    return stack.enter_context(load_model(model.path, backend="llama_cpp", threads=model.threads,
+                                          engine_options={"prefix_cache": False, "shared_decode": False}))
 
 
 class _BatchDecoder:
@@ -416,9 +436,13 @@ def _sentences(n: int) -> list[str]:
     return out
 
 
-def _classify_row(model: Any, llm: Any, cfg: BenchConfig) -> Row:
+def _classify_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> Row:
     sentences = _sentences(cfg.classify_sentences)
     lengths = [len(llm.tokenize(s.encode(), add_bos=True, special=True)) for s in sentences]
+    exact = _exact_model(model, stack)
+
+    def exact_packed() -> int:
+        return len(exact.classify(sentences))
 
     def packed() -> int:
         return len(model.classify(sentences))
@@ -440,6 +464,7 @@ def _classify_row(model: Any, llm: Any, cfg: BenchConfig) -> Row:
         sides=[
             Side("ours: classify (packed)", _timed(packed), True),
             Side("ours: classify, one sentence per call", _timed(one_at_a_time), True),
+            Side(EXACT_CLASSIFY, _timed(exact_packed), True),
             Side(eval_name, _timed(engine_each), False),
         ],
         reference=eval_name,
@@ -493,7 +518,7 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             lambda s: _overhead_row(model, llm, cfg, s),
             lambda s: _ttft_row(model, llm, cfg, s, path),
             lambda s: _batch_row(model, llm, cfg, s),
-            lambda s: _classify_row(model, llm, cfg),
+            lambda s: _classify_row(model, llm, cfg, s),
         ]
         for make in makers:
             with ExitStack() as row_stack:  # what a row loads is freed before the next row
