@@ -469,19 +469,19 @@ class LlamaCppModel(BaseModel):
         done: dict[int, tuple[Token, Any]] = {}
         keys = list(encoded)
         rec.prefill_duration = 0.0
-        if not self._shared_decode:
+        if not self._shared_decode:  # each prompt through the streams' steps: no batch context
             for k in keys:
                 done[k] = self._classify_alone(encoded[k], cfg, ctx, rec)
                 rec.first_token = rec.first_token or time.perf_counter()
-            keys = []
-        with self._batch_turn(ctx), self._watch(ctx, _total(encoded) > WATCH_PREFILL_OVER) as me:
-            for start in range(0, len(keys), CLASSIFY_SEQS):
-                group = keys[start : start + CLASSIFY_SEQS]
-                began = time.perf_counter()
-                out = self._classify_group([encoded[k] for k in group], cfg, ctx, me, rec)
-                rec.prefill_duration += time.perf_counter() - began
-                done.update(zip(group, out, strict=True))
-                rec.first_token = rec.first_token or time.perf_counter()
+        else:
+            with self._batch_turn(ctx), self._watch(ctx, _total(encoded) > WATCH_PREFILL_OVER) as me:
+                for start in range(0, len(keys), CLASSIFY_SEQS):
+                    group = keys[start : start + CLASSIFY_SEQS]
+                    began = time.perf_counter()
+                    out = self._classify_group([encoded[k] for k in group], cfg, ctx, me, rec)
+                    rec.prefill_duration += time.perf_counter() - began
+                    done.update(zip(group, out, strict=True))
+                    rec.first_token = rec.first_token or time.perf_counter()
         rec.prefill_end = time.perf_counter()
         rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
         return classify_results(len(prompts), encoded, errors, done, rec)
