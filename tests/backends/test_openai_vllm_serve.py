@@ -48,13 +48,15 @@ def free_port() -> int:
 class VllmServer:
     """vLLM's OpenAI server in its own process group, its output in a temp file."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, sockets: Path) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False)  # noqa: SIM115
         self.port = free_port()
         # The contract asks for max_tokens=10_000, which vLLM's server refuses (HTTP 400) above
         # its max_model_len, and the openai backend sends it as asked: a context that holds
         # it, past the tiny model's 512 trained positions (random weights either way).
-        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+        # vLLM never unlinks its ZeroMQ sockets: they go in the test's temp folder, not /tmp.
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
+               "VLLM_RPC_BASE_PATH": str(sockets)}
         self.proc = subprocess.Popen(
             [str(VLLM), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
              "--host", "127.0.0.1", "--port", str(self.port),
@@ -108,8 +110,9 @@ class VllmServer:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     from vllm_backend.tiny import make_vllm_tiny
 
-    folder = make_vllm_tiny(tmp_path_factory.mktemp("vllm-serve") / "llama")
-    srv = VllmServer(folder)
+    here = tmp_path_factory.mktemp("vllm-serve")
+    (here / "sockets").mkdir()
+    srv = VllmServer(make_vllm_tiny(here / "llama"), here / "sockets")
     try:
         yield srv
     finally:

@@ -1,9 +1,14 @@
 """The ``vllm`` backend beyond the contract suite: aborts inside the engine, seeds, tensor
-parallel, refused settings, and a close that leaves no process behind (vLLM's CPU build)."""
+parallel, refused settings, and a close that leaves no process or socket behind (vLLM's CPU
+build)."""
 
 from __future__ import annotations
 
 import multiprocessing.resource_tracker
+import os
+import re
+import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +22,7 @@ from core_inference.errors import Cancelled
 from .conftest import CONTEXT
 
 PROMPT = "One two three"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # vLLM's socket names
 
 
 def load(folder: Path, **kw: Any) -> Any:
@@ -52,7 +58,12 @@ def before() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def model(vllm_tiny: Path, before: set[int]) -> Iterator[Any]:
+def sockets_before() -> set[str]:
+    return temp_sockets()
+
+
+@pytest.fixture(scope="module")
+def model(vllm_tiny: Path, before: set[int], sockets_before: set[str]) -> Iterator[Any]:
     m = load(vllm_tiny, parallel_slots=2)
     try:
         yield m
@@ -187,10 +198,22 @@ def test_tensor_parallel_2_gives_the_same_greedy_tokens(
         tp.close()
 
 
-def test_close_leaves_no_process_behind(model: Any, before: set[int]) -> None:
+def temp_sockets() -> set[str]:
+    """Unix sockets in the system temp folder (where vLLM puts its ZeroMQ ones unless told)."""
+    with os.scandir(tempfile.gettempdir()) as entries:
+        return {e.name for e in entries if stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode)}
+
+
+def test_close_leaves_no_process_or_socket_behind(
+    model: Any, before: set[int], sockets_before: set[str]
+) -> None:
     assert children() - before
+    folder = Path(model._rpc_dir)
+    assert any(p.is_socket() for p in folder.iterdir())  # vLLM's sockets are in the model's folder
     model.close()
     assert children() - before == set()
+    assert not folder.exists()
+    assert not {s for s in temp_sockets() - sockets_before if _UUID.fullmatch(s)}
 
 
 def test_engine_args_ask_for_raw_logits_unless_told_otherwise() -> None:

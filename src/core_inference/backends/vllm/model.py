@@ -21,6 +21,8 @@ import contextlib
 import itertools
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -57,6 +59,7 @@ DEFAULT_SLOTS = 8  # max_num_seqs when parallel_slots is not given: vLLM batches
 CPU_KV_CACHE = 1 << 30  # the KV cache on the CPU build when no memory option is given
 SHUTDOWN_TIMEOUT = 30.0  # seconds close() waits for the engine process to stop
 _ENV_LOCK = threading.Lock()  # environment variables read by the processes a load spawns
+_SPAWN_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_RPC_BASE_PATH")  # the ones a load may set
 _SEQ = itertools.count()
 LOGITS_MODE = "raw_logits"  # vLLM's logprobs_mode that makes a request's logprobs its raw logits
 _TAIL = 8  # ids of context for splitting a merged delta's text (SentencePiece spaces need some)
@@ -227,6 +230,7 @@ class VllmModel(BaseModel):
         self._engine: Any = None
         self._tok: Any = None
         self._tap: _SchedulerTap | None = None
+        self._rpc_dir: str | None = None  # where this engine's ZeroMQ sockets live; removed at close
         try:
             self.engine_loop().run(self._start(kw, bind))
             self._tok = self._live().get_tokenizer()
@@ -262,9 +266,16 @@ class VllmModel(BaseModel):
             return made
 
         with _ENV_LOCK:  # the spawned engine and workers read these when they start
-            saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+            saved = {name: os.environ.get(name) for name in _SPAWN_ENV}
             if bind is not None:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            if saved["VLLM_RPC_BASE_PATH"] is None:
+                # vLLM names its ZeroMQ sockets ipc://<temp folder>/<uuid4> and never unlinks
+                # them: a few per load, hundreds in /tmp after a day of tests. Every address is
+                # made while the engine starts (here, or in the processes spawned here), so a
+                # folder of this model's own, removed at close, keeps them all.
+                self._rpc_dir = tempfile.mkdtemp(prefix="core-inference-vllm-")
+                os.environ["VLLM_RPC_BASE_PATH"] = self._rpc_dir
             tee = StderrTee()
             try:
                 with tee:
@@ -274,11 +285,11 @@ class VllmModel(BaseModel):
                 exc.child_reason = tee.reason()  # type: ignore[attr-defined]
                 raise
             finally:
-                if bind is not None:
-                    if saved is None:
-                        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+                for name, value in saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
                     else:
-                        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+                        os.environ[name] = value
         self._tap = taps[0] if taps else None
 
     def _has_token(self, text: str) -> bool:
@@ -585,8 +596,16 @@ class VllmModel(BaseModel):
     def _close_engine(self) -> None:
         """Shut the engine process (and, through it, every worker) down and wait for it."""
         engine, self._engine = self._engine, None
-        if engine is None:
-            return
+        try:
+            if engine is not None:
+                self._shutdown(engine)
+        finally:
+            rpc_dir, self._rpc_dir = self._rpc_dir, None
+            if rpc_dir is not None:
+                shutil.rmtree(rpc_dir, ignore_errors=True)
+
+    def _shutdown(self, engine: Any) -> None:
+        """Stop the engine from its own loop where that loop still runs, else from here."""
 
         async def shutdown() -> None:
             engine.shutdown(timeout=SHUTDOWN_TIMEOUT)
