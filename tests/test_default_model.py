@@ -291,7 +291,7 @@ class FakeTerminal(io.StringIO):
 
 def test_bar_on_a_terminal_redraws_one_line() -> None:
     stream = FakeTerminal()
-    bar = dm._Bar(stream)
+    bar = dm._bar(stream)
     for done in range(0, 101, 5):
         bar(done * 1_000_000, 100_000_000)
     text = stream.getvalue()
@@ -302,7 +302,7 @@ def test_bar_on_a_terminal_redraws_one_line() -> None:
 
 def test_bar_off_a_terminal_prints_a_line_per_quarter() -> None:
     stream = io.StringIO()
-    bar = dm._Bar(stream)
+    bar = dm._bar(stream)
     for done in range(0, 1001):
         bar(done, 1000)
     lines = stream.getvalue().splitlines()
@@ -311,7 +311,7 @@ def test_bar_off_a_terminal_prints_a_line_per_quarter() -> None:
 
 def test_bar_closes_its_line_after_a_failure() -> None:
     stream = FakeTerminal()
-    bar = dm._Bar(stream)
+    bar = dm._bar(stream)
     bar(10, 100)
     bar.close()
     assert stream.getvalue().endswith("\n")

@@ -24,14 +24,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
 from .default_model import cache_dir
 from .errors import BackendUnavailable, ModelLoadError
 from .formats.gguf import read_gguf
+from .progress import Bar, Ticker, close, megabytes, reporter
 
 STAMP = "core-inference-convert.json"
 EXTRA = "convert"
@@ -57,9 +57,6 @@ _GEMMA3_TEMPLATE = (
 )
 _TEMPLATES = {"gemma3": _GEMMA3_TEMPLATE}
 
-Say = Callable[[str], None]
-
-
 def convert_gguf(
     gguf_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
@@ -68,11 +65,12 @@ def convert_gguf(
 ) -> Path:
     """Convert ``gguf_path`` to a Hugging Face folder at ``out_dir`` (default: in the cache).
 
-    Returns the folder. ``progress`` prints each step (and transformers' bars) on stderr.
+    Returns the folder. ``progress`` shows each step on stderr: a bar for hashing, transformers'
+    own bar for the tensors, the elapsed seconds of the tokenizer and the writing.
     Raises ``ModelLoadError`` for a file it cannot read or an architecture transformers
     cannot convert, ``BackendUnavailable`` when the ``convert`` extra is missing.
     """
-    say: Say = _stderr if progress else (lambda text: None)
+    say = _stderr if progress else _quiet
     source = Path(gguf_path).resolve()
     header = read_gguf(source)  # a bad file fails here, before any engine is imported
     arch = header.architecture
@@ -87,13 +85,13 @@ def convert_gguf(
         for folder in sorted(kept.glob(f"{source.stem}-*")) if kept.is_dir() else []:
             if _stamp_matches(folder, source, st):
                 return folder  # this very file, unchanged since: no hashing
-        sha = _sha256(source, say)
+        sha = _sha256(source, progress)
         target = kept / f"{source.stem}-{sha[:16]}"
     else:
         target = Path(out_dir).resolve()
         if _stamp_matches(target, source, st):
             return target
-        sha = _sha256(source, say)
+        sha = _sha256(source, progress)
     if _stamp_sha(target) == sha:  # the same content, moved or touched since
         _write_stamp(target, source, st, sha, arch)
         return target
@@ -102,7 +100,7 @@ def convert_gguf(
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        _convert_into(source, work, arch, header.chat_template, say)
+        _convert_into(source, work, arch, header.chat_template, progress)
         _write_stamp(work, source, st, sha, arch)
         if target.exists():  # a conversion of another version of the file: replaced whole
             shutil.rmtree(target)
@@ -113,36 +111,50 @@ def convert_gguf(
     return target
 
 
-def _convert_into(source: Path, work: Path, arch: str, file_template: str | None, say: Say) -> None:
+def _convert_into(source: Path, work: Path, arch: str, file_template: str | None, progress: bool) -> None:
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+        from transformers.utils import logging as hf_logging
     except ImportError as exc:
         raise _missing(exc) from exc
     folder, name = str(source.parent), source.name
-    say(f"convert: reading and dequantising {name} (transformers)")
+    say = _stderr if progress else _quiet
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
+        say(f"convert: reading and dequantising {name} (transformers)")
         # dequantize=True: a plain dense float32 model (transformers 5 otherwise keeps the
         # weights in their GGUF blocks, which it cannot save as safetensors)
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32, local_files_only=True,
             quantization_config=GgufConfig(dequantize=True),
         )
-        say("convert: building the tokenizer from the GGUF vocabulary (the slow step for large vocabularies)")
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        # the slow step for a large vocabulary (about 100 s for Gemma's 262k), with no count
+        # of its own inside transformers: the elapsed time shows that it goes on
+        with _step("convert: building the tokenizer from the GGUF vocabulary", progress):
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except ImportError as exc:  # transformers names gguf/accelerate when they are missing
         raise _missing(exc) from exc
     except (ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
         raise ModelLoadError(f"transformers could not convert this GGUF: {exc}", path=source) from exc
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     template = getattr(tokenizer, "chat_template", None) or file_template or _TEMPLATES.get(arch)
     if template:
         tokenizer.chat_template = template
     else:
         say(f"convert: no chat template in the file and none built in for {arch!r}: chat will be unavailable")
-    say("convert: writing safetensors")
-    model.save_pretrained(work, safe_serialization=True)
-    tokenizer.save_pretrained(work)
+    with _step("convert: writing safetensors", progress):
+        model.save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
     del model
+
+
+def _step(label: str, progress: bool) -> AbstractContextManager[object]:
+    return Ticker(label) if progress else nullcontext()
 
 
 def _supported_architectures() -> frozenset[str]:
@@ -171,13 +183,20 @@ def _check_target(target: Path) -> None:
         )
 
 
-def _sha256(path: Path, say: Say) -> str:
+def _sha256(path: Path, progress: bool) -> str:
     size = path.stat().st_size
-    say(f"convert: hashing {path.name} ({size / 1e6:.0f} MB)")
+    report = reporter(progress, lambda: Bar(f"convert: hashing {path.name}", megabytes))
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(BLOCK):
-            digest.update(block)
+    done = 0
+    try:
+        report(0, size)
+        with path.open("rb") as fh:
+            while block := fh.read(BLOCK):
+                digest.update(block)
+                done += len(block)
+                report(done, size)
+    finally:
+        close(report)
     return digest.hexdigest()
 
 
@@ -215,3 +234,7 @@ def _write_stamp(target: Path, source: Path, st: os.stat_result, sha: str, arch:
 
 def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def _quiet(text: str) -> None:
+    return None

