@@ -59,6 +59,25 @@ def test_a_shared_system_prompt_is_prefilled_once(model: LlamaCppModel, exact: L
     assert model.metrics().cached_prompt_tokens > len(model.tokenize(SYSTEM)) // 2
 
 
+def test_a_prefix_held_by_a_running_stream_is_copied_not_prefilled(
+    model_path: Path, exact: LlamaCppModel
+) -> None:
+    """Two chats with one system prompt at once: the second copies the first's cells while
+    the first is still decoding, and neither answer changes."""
+    first, second = (SYSTEM + "Question: " + q + "\nAnswer:" for q in QUESTIONS[:2])
+    with LlamaCppBackend().load_model(model_path, parallel_slots=2) as m:
+        running = m.generate(first, max_tokens=24)
+        got_first = [next(running).id]  # prefilled, decoding: its slot is taken, not free
+        assert not m._kept
+        got_second = ids(m.generate(second, max_tokens=16))
+        cached, system = m.metrics().cached_prompt_tokens, len(m.tokenize(SYSTEM))
+        got_first += ids(running)
+        assert len(m._kept) == 2  # the copy left the first stream's own cache whole
+    assert cached > system - 64 - 4, (cached, system)  # all but the last rows of a whole prefill
+    assert got_second == ids(exact.generate(second, max_tokens=16))
+    assert got_first == ids(exact.generate(first, max_tokens=24))
+
+
 def test_the_next_chat_turn_prefills_only_the_new_tokens(model_path: Path) -> None:
     with LlamaCppBackend().load_model(model_path, parallel_slots=2) as m:
         messages = [ci.Message("system", SYSTEM), ci.Message("user", QUESTIONS[1])]

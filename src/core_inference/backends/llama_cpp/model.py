@@ -78,8 +78,12 @@ class LlamaCppModel(BaseModel):
         self._ctx: Any = None
         self._batch_ctx: Any = None
         self._free_seqs = list(range(slots))  # least recently used first
-        self._seq_lock = threading.Lock()  # guards _free_seqs and _kept
+        self._seq_lock = threading.Lock()  # guards _free_seqs, _kept and _live
         self._kept: dict[int, list[int]] = {}  # per free sequence: the tokens its cache holds
+        # per sequence a running stream holds, once its prompt is prefilled: that prompt. Its
+        # cells never change while the stream decodes on (it only appends), so a call that
+        # starts meanwhile with the same system prompt copies them instead of prefilling
+        self._live: dict[int, list[int]] = {}
         self._prefix_cache = _flag(cfg.engine_options.get("prefix_cache", True), "prefix_cache")
         # False: each stream's token gets a decode of its own, and classify/batch_generate run
         # each prompt as generate would alone (answers independent of the neighbours, at the
@@ -187,6 +191,9 @@ class LlamaCppModel(BaseModel):
             with steps.member(seq):
                 tid = self._prefill(tokens, start, seq, ctx, sampler, rec, bool(reset))
                 fed = list(tokens)
+                if self._prefix_cache:
+                    with self._seq_lock:
+                        self._live[seq] = fed
                 rec.prefill_done(len(tokens))
                 rec.cached_prompt_tokens = start
                 pos = len(tokens)
@@ -232,12 +239,13 @@ class LlamaCppModel(BaseModel):
         written into ``took`` (the sequence the moment it leaves the free list: a Ctrl-C
         landing after that must not lose it).
 
-        With the prefix cache on, the free sequence whose kept tokens share the longest
-        prefix with the prompt is found. If all it keeps is a prefix of the prompt, it is
-        taken; otherwise (a shared system prompt, an earlier turn of another chat) its
-        cache is copied into an empty sequence, else the least recently used one, so the
-        other conversation stays kept. Only the rest of the prompt is prefilled, from
-        where ``_reuse_start`` says.
+        With the prefix cache on, the sequence whose cache shares the longest prefix with
+        the prompt is found: among the free ones (what they kept) and the ones running
+        streams hold (their prompts, once prefilled). If it is free and all it keeps is a
+        prefix of the prompt, it is taken; otherwise (a shared system prompt, an earlier
+        turn of another chat, a stream still running) its cache is copied into an empty
+        sequence, else the least recently used one, so the other conversation stays kept.
+        Only the rest of the prompt is prefilled, from where ``_reuse_start`` says.
 
         With nothing to reuse, the engine is not waited for here: the step that decodes the
         first chunk empties the sequence (``took[2]``). A call waiting here for a running
@@ -252,8 +260,12 @@ class LlamaCppModel(BaseModel):
                     n = _common_prefix(kept.get(seq, ()), tokens)
                     if n > common:
                         best, common = seq, n
+                for seq, held in self._live.items():  # a prefix that only a running stream holds
+                    n = _common_prefix(held, tokens)
+                    if n > common and seq not in free:
+                        best, common = seq, n
             start = _reuse_start(common, len(tokens), self._prefill_step) if best >= 0 else 0
-            if best >= 0 and common == len(kept[best]):
+            if best in kept and common == len(kept[best]):
                 target = best  # extending it loses nothing
             else:
                 empty = [s for s in free if s not in kept]
@@ -261,6 +273,7 @@ class LlamaCppModel(BaseModel):
             took[0] = target
             free.remove(target)
             kept.pop(target, None)
+            self._live.pop(target, None)
             if start == 0:
                 took[2] = 1
                 return
@@ -285,6 +298,7 @@ class LlamaCppModel(BaseModel):
         """
         keep = clean and self._prefix_cache and bool(kept)
         with self._seq_lock:
+            self._live.pop(seq, None)
             if keep:
                 self._kept[seq] = kept
                 self._free_seqs.append(seq)  # the most recently used goes last
@@ -764,6 +778,7 @@ class LlamaCppModel(BaseModel):
     def _close_engine(self) -> None:
         with self._seq_lock:
             self._kept.clear()  # what they described is freed with the context below
+            self._live.clear()
         with self._engine_lock:
             if self._batch_ctx is not None:
                 self._batch_ctx.free()
