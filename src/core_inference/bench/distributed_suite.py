@@ -151,7 +151,7 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             reference=ONE,
             targets=[Target(TWO, ">=", 1.8, ONE)],
             note="prefill only; chunks of an eighth of the sentences",
-            info={**facts, "sentences": len(sentences)},
+            info={**facts, "chunk_size": max(1, len(sentences) // 8), "sentences": len(sentences)},
         )
 
 
