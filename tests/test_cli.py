@@ -260,6 +260,23 @@ def test_discover_lists_good_and_corrupt_models(tmp_path: Path, default_model_fi
     assert "error:" in rows["broken/corrupt.gguf"]
 
 
+def test_discover_names_the_backends_of_a_hugging_face_folder(
+    tmp_path: Path, default_model_file: Path
+) -> None:
+    """A safetensors folder is for the HF engines: here (no GPU, no Mac, vLLM in its own
+    environment) that is ``torch``; the GGUF beside it is llama.cpp's."""
+    pytest.importorskip("torch", reason="needs core-inference[torch]")
+    from backends.hf_tiny import make_tiny_model
+
+    make_tiny_model(tmp_path / "tiny-llama")
+    (tmp_path / "gemma.gguf").symlink_to(default_model_file)
+    result = run("discover", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert rows["tiny-llama"][1] == "safetensors" and rows["tiny-llama"][6] == "torch", result.stdout
+    assert rows["gemma.gguf"][6] == "llama_cpp", result.stdout
+
+
 def test_chat_from_a_pipe_answers_each_line(model_env: dict[str, str]) -> None:
     turns = "What is the capital of France?\n\nAnd of Italy?\n/exit\nNever asked.\n"
     result = run("chat", "--max-tokens", "8", "--metrics", stdin=turns, env=model_env)
