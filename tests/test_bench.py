@@ -170,6 +170,17 @@ def test_quick_bench_runs_every_row_end_to_end(tmp_path: Path) -> None:
                 assert len(side["values"]) == 1 and side["median"] > 0
 
 
+def test_quick_lists_the_convert_row_as_not_run(tmp_path: Path) -> None:
+    """A conversion takes minutes: ``--quick`` names the row and why, and converts nothing."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    model = _default_model_or_skip()
+    run_bench(model, str(tmp_path), quick=True, machine="q", echo=None, suites=["convert"])
+    (suite,) = json.loads((tmp_path / "q.json").read_text())["suites"]
+    (row,) = suite["rows"]
+    assert row["key"] == "convert" and "minutes" in row["skipped"] and row["error"] is None
+
+
 def test_click_command_runs_a_suite(toy_suite: str, tmp_path: Path) -> None:
     click = pytest.importorskip("click")
     from core_inference.bench import click_command

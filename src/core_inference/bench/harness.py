@@ -96,6 +96,7 @@ class Row:
     targets: Sequence[Target] = ()
     note: str = ""
     runs: int | None = None  # overrides BenchConfig.runs (e.g. for slow rows)
+    warmup: int | None = None  # overrides BenchConfig.warmup (a row whose every run starts cold)
     info: dict[str, Any] = field(default_factory=dict)  # facts worth keeping: prompt sizes, settings
     skipped: str | None = None  # why the row was not run here (e.g. no GPU); its sides never run
 
@@ -154,7 +155,7 @@ def measure_row(row: Row, cfg: BenchConfig, echo: Echo | None = None) -> dict[st
     started = time.perf_counter()
     error = None
     try:
-        for _ in range(cfg.warmup):
+        for _ in range(cfg.warmup if row.warmup is None else row.warmup):
             for side in row.sides:
                 side.run()
         for r in range(runs):
@@ -246,6 +247,7 @@ BUILTIN_SUITES: dict[str, str] = {
     "server": "core_inference.bench.server_suite:SUITE",
     "llama_server": "core_inference.bench.llama_server_suite:SUITE",
     "distributed": "core_inference.bench.distributed_suite:SUITE",
+    "convert": "core_inference.bench.convert_suite:SUITE",
 }
 _suites: dict[str, Suite | str] = dict(BUILTIN_SUITES)
 
