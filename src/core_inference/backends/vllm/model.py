@@ -207,6 +207,32 @@ def engine_args(path: str, cfg: LoadConfig, context_len: int, platform_is_cpu: b
     return args
 
 
+def _check_bind(bind: str, path: str) -> None:
+    """A CPU that ``cpu_threads_bind`` names but this process may not run on is refused here:
+    vLLM binds nothing then and starts every rank anyway, all on the same cores."""
+    if bind.strip() in ("auto", "nobind", "all"):
+        return
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    named: set[int] = set()
+    try:
+        for rank in bind.split("|"):
+            for part in rank.split(","):
+                low, _, high = part.strip().partition("-")
+                named.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise ModelLoadError(
+            f"{path}: cpu_threads_bind {bind!r}: expected CPU numbers and ranges per rank, such as '0-3|4-7'",
+            path,
+        ) from None
+    missing = sorted(named - allowed)
+    if missing:
+        raise ModelLoadError(
+            f"{path}: cpu_threads_bind {bind!r} names CPUs {', '.join(map(str, missing))} that this process "
+            f"cannot run on (it may use {', '.join(map(str, sorted(allowed)))}): fewer ranks, or other CPUs",
+            path,
+        )
+
+
 class VllmModel(BaseModel):
     """A Hugging Face causal LM served by vLLM's async engine in this process's children."""
 
@@ -222,6 +248,8 @@ class VllmModel(BaseModel):
         from vllm.platforms import current_platform
 
         kw = engine_args(self.path, cfg, context_len, current_platform.is_cpu())
+        if bind is not None and current_platform.is_cpu():
+            _check_bind(bind, self.path)
         super().__init__(int(kw.get("max_num_seqs") or DEFAULT_SLOTS))
         self.context_len = context_len
         self.engine_kw = kw
