@@ -248,6 +248,7 @@ BUILTIN_SUITES: dict[str, str] = {
     "llama_server": "core_inference.bench.llama_server_suite:SUITE",
     "distributed": "core_inference.bench.distributed_suite:SUITE",
     "convert": "core_inference.bench.convert_suite:SUITE",
+    "vllm": "core_inference.bench.vllm_suite:SUITE",  # runs in .venv-vllm; elsewhere listed as unavailable
 }
 _suites: dict[str, Suite | str] = dict(BUILTIN_SUITES)
 
