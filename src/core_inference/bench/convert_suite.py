@@ -6,9 +6,9 @@
   ``save_pretrained``), in seconds. Each run writes a new folder, removed after it.
 - ``convert_again``: the second call for the same file, which reads the stamp and returns.
 
-The folder's size on disk is kept in the row's facts. A run takes minutes (Gemma 3 270M:
-about two, most of it transformers building the 262k-token tokenizer), so these rows run
-twice, without a warm-up; ``--quick`` lists them as not run.
+The folder's size on disk is kept in the row's facts. A run takes most of a minute (Gemma 3
+270M, 2 cores), so these rows run three times, without a warm-up (transformers is imported
+first, outside the timed runs); ``--quick`` lists them as not run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .harness import BenchConfig, Row, Side, Suite, Target
 OURS = "ours: convert_gguf"
 DIRECT = "transformers: from_pretrained + save_pretrained"
 AGAIN = "ours: the second call"
-RUNS = 2  # minutes each: ABBA over two rounds, no warm-up (nothing is cached between runs)
+RUNS = 3  # most of a minute each: ABBA rounds, no warm-up (nothing is cached between runs)
 
 
 def _why_unavailable() -> str | None:
@@ -58,10 +58,13 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
     source = _gguf(cfg)
     facts: dict[str, Any] = {"model": source.name, "gguf_mb": round(source.stat().st_size / 1e6, 1)}
     if cfg.quick:
-        why = "a conversion takes minutes: --quick does not run it"
+        why = "a conversion takes most of a minute a run: --quick does not run it"
         yield Row("convert", "GGUF to a Hugging Face folder", "s", [Side(OURS, lambda: 0.0, True)], OURS,
                   higher_is_better=False, skipped=why)
         return
+    from ..convert import _supported_architectures
+
+    _supported_architectures()  # imports transformers' GGUF reader (2 s): not inside the first timed run
     scratch = Path(tempfile.mkdtemp(prefix="core-inference-convert-bench-"))
     info = dict(facts)
     try:
@@ -125,23 +128,12 @@ SUITE = Suite("convert", "transformers", _rows, _why_unavailable, _versions)
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m core_inference.bench.convert_suite [--out DIR]``: this suite alone."""
-    import argparse
+    from .runner import suite_main
 
-    from .harness import register_suite
-    from .runner import run_bench
-
-    ap = argparse.ArgumentParser(description="What core-inference convert costs, against transformers.")
-    ap.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
-    ap.add_argument("--out", help="write <machine>.json and the chart here (default: not saved)")
-    ap.add_argument("--machine", help="results file name (default: <cpu>-<cores>c)")
-    args = ap.parse_args(argv)
-    register_suite(SUITE)
-    with tempfile.TemporaryDirectory(prefix="core-inference-bench-") as scratch:
-        results = run_bench(args.model, args.out or scratch, False, suites=[SUITE.name],
-                            machine=args.machine)
-    failed = any(r["error"] for s in results["suites"] for r in s["rows"]) or any(
-        s.get("error") for s in results["suites"])
-    return 1 if failed else 0
+    return suite_main(
+        SUITE, argv, "What core-inference convert costs, against transformers.", quick_help=None,
+        threads=False, runs=False
+    )
 
 
 if __name__ == "__main__":

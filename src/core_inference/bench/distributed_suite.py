@@ -18,12 +18,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, timed
 from .llama_cpp_suite import BATCH_PROMPTS, _sentences
 
 TWO = "ours: 2 replicas (Ray)"
@@ -44,16 +43,6 @@ def _versions() -> dict[str, str]:
 
     return {"ray": str(ray.__version__)}
 
-
-def _timed(work: Callable[[], int]) -> Callable[[], float]:
-    """A side returning units per second for work that returns its unit count."""
-
-    def run() -> float:
-        start = time.perf_counter()
-        units = work()
-        return units / (time.perf_counter() - start)
-
-    return run
 
 
 @contextmanager
@@ -123,8 +112,8 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             key="replicas_batch_generate",
             title=f"batch_generate over Ray replicas, {n_prompts} prompts x {n_tokens} tokens",
             unit="tokens/s",
-            sides=[Side(TWO, _timed(generate(two)), True), Side(ONE, _timed(generate(one)), True),
-                   Side(f"{LOCAL}, {2 * t} threads: batch_generate", _timed(generate_here), True)],
+            sides=[Side(TWO, timed(generate(two)), True), Side(ONE, timed(generate(one)), True),
+                   Side(f"{LOCAL}, {2 * t} threads: batch_generate", timed(generate_here), True)],
             reference=ONE,
             targets=[Target(TWO, ">=", 1.8, ONE)],
             note=f"replicas of {t} thread(s) each on a local Ray cluster, chunks of {chunk} prompts; the "
@@ -146,8 +135,8 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             key="replicas_classify",
             title=f"classify over Ray replicas, {len(sentences)} sentences",
             unit="sentences/s",
-            sides=[Side(TWO, _timed(classify(two)), True), Side(ONE, _timed(classify(one)), True),
-                   Side(f"{LOCAL}, {2 * t} threads: classify", _timed(classify_here), True)],
+            sides=[Side(TWO, timed(classify(two)), True), Side(ONE, timed(classify(one)), True),
+                   Side(f"{LOCAL}, {2 * t} threads: classify", timed(classify_here), True)],
             reference=ONE,
             targets=[Target(TWO, ">=", 1.8, ONE)],
             note="prefill only; chunks of an eighth of the sentences",
@@ -166,26 +155,11 @@ SUITE = Suite(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m core_inference.bench.distributed_suite [--quick] [--out DIR]``: this suite alone."""
-    import argparse
-    import tempfile
+    from .runner import suite_main
 
-    from .harness import register_suite
-    from .runner import run_bench
-
-    ap = argparse.ArgumentParser(description="Ray replicas against one replica and one process.")
-    ap.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
-    ap.add_argument("--threads", type=int, help="threads of the one-process side; half per replica")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one run: proves it runs, times nothing")
-    ap.add_argument("--out", help="write <machine>.json and the chart here (default: not saved)")
-    ap.add_argument("--machine", help="results file name (default: <cpu>-<cores>c)")
-    args = ap.parse_args(argv)
-    register_suite(SUITE)
-    with tempfile.TemporaryDirectory(prefix="core-inference-bench-") as scratch:
-        results = run_bench(args.model, args.out or scratch, args.quick, threads=args.threads,
-                            suites=[SUITE.name], machine=args.machine)
-    failed = any(r["error"] for s in results["suites"] for r in s["rows"]) or any(
-        s.get("error") for s in results["suites"])
-    return 1 if failed else 0
+    return suite_main(
+        SUITE, argv, "Ray replicas against one replica and one process.", runs=False
+    )
 
 
 if __name__ == "__main__":

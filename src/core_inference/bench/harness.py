@@ -112,6 +112,28 @@ class Suite:
     versions: Callable[[], dict[str, str]] = dict
 
 
+def timed(work: Callable[[], int], scale: float = 1.0) -> Callable[[], float]:
+    """A side's ``run`` from work that returns its unit count: ``units / seconds * scale``."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        units = work()
+        return units / (time.perf_counter() - start) * scale
+
+    return run
+
+
+def seconds(work: Callable[[], object]) -> Callable[[], float]:
+    """A side's ``run`` from work whose result is its duration in seconds."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+
+    return run
+
+
 def hf_folder(cfg: BenchConfig, suite: str) -> str:
     """The Hugging Face folder a suite for HF engines measures: ``--model`` when it is one,
     else that GGUF (default: the embedded model) converted by ``core_inference.convert``,

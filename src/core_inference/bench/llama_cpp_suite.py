@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
-from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, seconds, timed
 
 DECODE_PROMPT = "Once upon a time"  # greedy, the default model writes far past 128 tokens from here
 BATCH_PROMPTS = (
@@ -74,24 +74,6 @@ ENGINE_SETTINGS = (
 )
 
 
-def _timed(work: Callable[[], int], scale: float = 1.0) -> Callable[[], float]:
-    """A side that returns ``units / seconds * scale`` for work returning its unit count."""
-
-    def run() -> float:
-        start = time.perf_counter()
-        units = work()
-        return units / (time.perf_counter() - start) * scale
-
-    return run
-
-
-def _seconds(work: Callable[[], object]) -> Callable[[], float]:
-    def run() -> float:
-        start = time.perf_counter()
-        work()
-        return time.perf_counter() - start
-
-    return run
 
 
 # -- rows ------------------------------------------------------------------------------
@@ -171,7 +153,7 @@ def _decode_row(model: Any, llm: Any, cfg: BenchConfig) -> Row:
         key="decode",
         title=f"Streaming decode, {n} greedy tokens",
         unit="tokens/s",
-        sides=[Side(name, _timed(fn), ours) for name, (fn, ours) in work.items()],
+        sides=[Side(name, timed(fn), ours) for name, (fn, ours) in work.items()],
         reference=EVAL_LOOP,
         targets=[Target(OURS_DECODE, ">=", 0.97, EVAL_LOOP), Target(OURS_DECODE, ">=", 1.0, COMPLETION)],
         note=f"prompt {DECODE_PROMPT!r}; tokens/s = {n} / wall time of the call (prompt prefill "
@@ -348,10 +330,10 @@ def _batch_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> Row:
         title=f"batch_generate, {len(prompts)} prompts x {n} tokens",
         unit="tokens/s",
         sides=[
-            Side("ours: batch_generate", _timed(ours_batch), True),
-            Side(seq_name, _timed(ours_sequential), True),
-            Side(EXACT_BATCH, _timed(ours_exact), True),
-            Side("llama_decode batched loop (C API), no sampling", _timed(engine.run), False),
+            Side("ours: batch_generate", timed(ours_batch), True),
+            Side(seq_name, timed(ours_sequential), True),
+            Side(EXACT_BATCH, timed(ours_exact), True),
+            Side("llama_decode batched loop (C API), no sampling", timed(engine.run), False),
         ],
         reference=seq_name,
         targets=[Target("ours: batch_generate", ">=", 2.5, seq_name)],
@@ -462,10 +444,10 @@ def _classify_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> R
         title=f"classify, {len(sentences)} sentences of ~{sum(lengths) / len(lengths):.0f} tokens",
         unit="sentences/s",
         sides=[
-            Side("ours: classify (packed)", _timed(packed), True),
-            Side("ours: classify, one sentence per call", _timed(one_at_a_time), True),
-            Side(EXACT_CLASSIFY, _timed(exact_packed), True),
-            Side(eval_name, _timed(engine_each), False),
+            Side("ours: classify (packed)", timed(packed), True),
+            Side("ours: classify, one sentence per call", timed(one_at_a_time), True),
+            Side(EXACT_CLASSIFY, timed(exact_packed), True),
+            Side(eval_name, timed(engine_each), False),
         ],
         reference=eval_name,
         targets=[Target("ours: classify (packed)", ">=", 1.3, eval_name)],
@@ -488,8 +470,8 @@ def _load_row(path: str, n_ctx: int, cfg: BenchConfig) -> Row:
         key="load",
         title="Warm load + close of the model",
         unit="s",
-        sides=[Side("ours: load_model + close", _seconds(ours), True),
-               Side("Llama(...) + close", _seconds(engine), False)],
+        sides=[Side("ours: load_model + close", seconds(ours), True),
+               Side("Llama(...) + close", seconds(engine), False)],
         reference="Llama(...) + close",
         higher_is_better=False,
         targets=[Target("ours: load_model + close", "<=", 1.0)],

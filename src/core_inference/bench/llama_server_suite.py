@@ -227,27 +227,12 @@ SUITE = Suite(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m core_inference.bench.llama_server_suite [--quick] [--out DIR]``: this suite alone."""
-    import argparse
-    import tempfile
+    from .runner import suite_main
 
-    from .harness import register_suite
-    from .runner import run_bench
-
-    ap = argparse.ArgumentParser(description="Concurrent streams: ours against llama-server -np 16.")
-    ap.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
-    ap.add_argument("--threads", type=int, help="engine threads on every side (default: all cores)")
-    ap.add_argument("--runs", type=int, help="timed runs per side (default: 5)")
-    ap.add_argument("--quick", action="store_true", help="1 and 4 streams of 4 tokens: proves it runs")
-    ap.add_argument("--out", help="write <machine>.json and the chart here (default: not saved)")
-    ap.add_argument("--machine", help="results file name (default: <cpu>-<cores>c)")
-    args = ap.parse_args(argv)
-    register_suite(SUITE)
-    with tempfile.TemporaryDirectory(prefix="core-inference-bench-") as scratch:
-        results = run_bench(args.model, args.out or scratch, args.quick, runs=args.runs,
-                            threads=args.threads, suites=[SUITE.name], machine=args.machine)
-    failed = any(r["error"] for s in results["suites"] for r in s["rows"]) or any(
-        s.get("error") for s in results["suites"])
-    return 1 if failed else 0
+    return suite_main(
+        SUITE, argv, "Concurrent streams: ours against llama-server -np 16.",
+        quick_help="1 and 4 streams of 4 tokens: proves it runs"
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, hf_folder
-from .llama_cpp_suite import BATCH_PROMPTS, DECODE_PROMPT, _sentences, _timed
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, hf_folder, timed
+from .llama_cpp_suite import BATCH_PROMPTS, DECODE_PROMPT, _sentences
 
 
 def _why_unavailable() -> str | None:
@@ -89,8 +89,8 @@ def _decode_row(model: Any, cfg: BenchConfig) -> Row:
         key="decode",
         title=f"Streaming decode, {n} greedy tokens",
         unit="tokens/s",
-        sides=[Side(OURS_DECODE, _timed(ours), True), Side(STREAM, _timed(stream_generate), False),
-               Side(step_name, _timed(steps), False)],
+        sides=[Side(OURS_DECODE, timed(ours), True), Side(STREAM, timed(stream_generate), False),
+               Side(step_name, timed(steps), False)],
         reference=STREAM,
         targets=[Target(OURS_DECODE, ">=", 0.97, STREAM)],
         note=f"prompt {prompt!r}; tokens/s = {n} / wall time of the call (prefill included); the same "
@@ -138,9 +138,9 @@ def _batch_row(model: Any, cfg: BenchConfig) -> Row:
         title=f"batch_generate, {len(prompts)} prompts x {n} tokens",
         unit="tokens/s",
         sides=[
-            Side(ours_name, _timed(ours_batch), True),
-            Side(f"ours: {len(prompts)} x generate, one after another", _timed(ours_sequential), True),
-            Side(engine_name, _timed(engine_batch), False),
+            Side(ours_name, timed(ours_batch), True),
+            Side(f"ours: {len(prompts)} x generate, one after another", timed(ours_sequential), True),
+            Side(engine_name, timed(engine_batch), False),
         ],
         reference=engine_name,
         targets=[Target(ours_name, ">=", 0.97, engine_name)],
@@ -193,9 +193,9 @@ def _classify_row(model: Any, cfg: BenchConfig) -> Row:
         title=f"classify, {len(sentences)} sentences of ~{sum(lengths) / len(lengths):.0f} tokens",
         unit="sentences/s",
         sides=[
-            Side("ours: classify (batched)", _timed(packed), True),
-            Side("ours: classify, one sentence per call", _timed(one_at_a_time), True),
-            Side(engine_name, _timed(engine_batched), False),
+            Side("ours: classify (batched)", timed(packed), True),
+            Side("ours: classify, one sentence per call", timed(one_at_a_time), True),
+            Side(engine_name, timed(engine_batched), False),
         ],
         reference=engine_name,
         targets=[Target("ours: classify (batched)", ">=", 0.97, engine_name)],

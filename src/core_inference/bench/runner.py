@@ -120,3 +120,37 @@ def _run_suite(
         if close is not None:
             close()
     return entry
+
+
+def suite_main(
+    suite: Suite, argv: Sequence[str] | None, description: str, *,
+    model_help: str = "GGUF model (default: the embedded Gemma 3 270M)",
+    quick_help: str | None = "tiny sizes, one run: proves it runs, times nothing",
+    threads: bool = True, runs: bool = True,
+) -> int:
+    """``python -m core_inference.bench.<suite>``: one suite's command line (the suites that
+    start servers or clusters, or run in an environment of their own, are run this way)."""
+    import argparse
+    import tempfile
+
+    from .harness import register_suite
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", help=model_help)
+    if threads:
+        ap.add_argument("--threads", type=int, help="engine threads on every side (default: all cores)")
+    if runs:
+        ap.add_argument("--runs", type=int, help="timed runs per side (default: 5)")
+    if quick_help is not None:
+        ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", help="write <machine>.json and the chart here (default: not saved)")
+    ap.add_argument("--machine", help="results file name (default: <cpu>-<cores>c)")
+    args = ap.parse_args(argv)
+    register_suite(suite)
+    with tempfile.TemporaryDirectory(prefix="core-inference-bench-") as scratch:
+        results = run_bench(args.model, args.out or scratch, bool(getattr(args, "quick", False)),
+                            runs=getattr(args, "runs", None), threads=getattr(args, "threads", None),
+                            suites=[suite.name], machine=args.machine)
+    failed = any(r["error"] for s in results["suites"] for r in s["rows"]) or any(
+        s.get("error") for s in results["suites"])
+    return 1 if failed else 0

@@ -291,26 +291,12 @@ def main(argv: list[str] | None = None) -> int:
 
     (``core-inference bench --suite server`` runs it too once the suite is registered.)
     """
-    import argparse
-    import tempfile
+    from .runner import suite_main
 
-    from .harness import register_suite
-    from .runner import run_bench
-
-    ap = argparse.ArgumentParser(description="Load on serve against llama-cpp-python's server.")
-    ap.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
-    ap.add_argument("--threads", type=int, help="engine threads on every side (default: all cores)")
-    ap.add_argument("--quick", action="store_true", help="2 clients for 5 s: proves it runs, times nothing")
-    ap.add_argument("--out", help="write <machine>.json and the chart here (default: not saved)")
-    ap.add_argument("--machine", help="results file name (default: <cpu>-<cores>c)")
-    args = ap.parse_args(argv)
-    register_suite(SUITE)
-    with tempfile.TemporaryDirectory(prefix="core-inference-bench-") as scratch:
-        results = run_bench(args.model, args.out or scratch, args.quick, threads=args.threads,
-                            suites=[SUITE.name], machine=args.machine)
-    failed = any(r["error"] for s in results["suites"] for r in s["rows"]) or any(
-        s.get("error") for s in results["suites"])
-    return 1 if failed else 0
+    return suite_main(
+        SUITE, argv, "Load on serve against llama-cpp-python's server.",
+        quick_help="2 clients for 5 s: proves it runs, times nothing", runs=False
+    )
 
 
 if __name__ == "__main__":

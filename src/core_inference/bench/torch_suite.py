@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, hf_folder
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, hf_folder, timed
 from .llama_cpp_suite import BATCH_PROMPTS, DECODE_PROMPT, _sentences
 
 
@@ -32,16 +31,6 @@ def _versions() -> dict[str, str]:
 
     return {"torch": str(torch.__version__), "transformers": str(transformers.__version__)}
 
-
-def _timed(work: Callable[[], int]) -> Callable[[], float]:
-    """A side that returns units per second for work returning its unit count."""
-
-    def run() -> float:
-        start = time.perf_counter()
-        units = work()
-        return units / (time.perf_counter() - start)
-
-    return run
 
 
 OURS_DECODE = "ours: generate"
@@ -87,8 +76,8 @@ def _decode_row(model: Any, cfg: BenchConfig) -> Row:
         key="decode",
         title=f"Streaming decode, {n} greedy tokens",
         unit="tokens/s",
-        sides=[Side(OURS_DECODE, _timed(ours), True), Side(HF_GENERATE, _timed(hf_generate), False),
-               Side(loop_name, _timed(forward_loop), False)],
+        sides=[Side(OURS_DECODE, timed(ours), True), Side(HF_GENERATE, timed(hf_generate), False),
+               Side(loop_name, timed(forward_loop), False)],
         reference=HF_GENERATE,
         targets=[Target(OURS_DECODE, ">=", 0.97, HF_GENERATE)],
         note=f"prompt {DECODE_PROMPT!r}; tokens/s = {n} / wall time of the call (prefill included); "
@@ -128,9 +117,9 @@ def _batch_row(model: Any, cfg: BenchConfig) -> Row:
         return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
 
     sides = [
-        Side("ours: batch_generate", _timed(ours_batch), True),
-        Side(f"ours: {len(prompts)} x generate, one after another", _timed(ours_sequential), True),
-        Side("model.generate on the left-padded batch", _timed(hf_batched), False),
+        Side("ours: batch_generate", timed(ours_batch), True),
+        Side(f"ours: {len(prompts)} x generate, one after another", timed(ours_sequential), True),
+        Side("model.generate on the left-padded batch", timed(hf_batched), False),
     ]
     ref = "model.generate on the left-padded batch"
     return Row(
@@ -182,7 +171,7 @@ def _classify_sides(model: Any, sentences: list[str], seen: dict[str, Any]) -> t
         return agree("engine", ids)
 
     name = f"tokenizer(batch, padding left) + forward, batches of {CLASSIFY_ROWS}, argmax"
-    return Side(CLASSIFY_OURS, _timed(ours), True), Side(name, _timed(engine), False)
+    return Side(CLASSIFY_OURS, timed(ours), True), Side(name, timed(engine), False)
 
 
 def _classify_row(model: Any, cfg: BenchConfig) -> Row:
@@ -198,7 +187,7 @@ def _classify_row(model: Any, cfg: BenchConfig) -> Row:
         key="classify",
         title=f"classify, {len(sentences)} sentences of ~{sum(lengths) / len(lengths):.0f} tokens",
         unit="sentences/s",
-        sides=[ours, Side("ours: classify, one sentence per call", _timed(ours_each), True), engine],
+        sides=[ours, Side("ours: classify, one sentence per call", timed(ours_each), True), engine],
         reference=engine.name,
         targets=[Target(CLASSIFY_OURS, ">=", 0.97, engine.name)],
         note="both sides tokenize, pad on the left, run one forward pass per batch and pick the greedy "
@@ -306,7 +295,7 @@ def _cuda_batch_sides(model: Any, prompts: list[str], n: int, seen: dict[str, An
         seen["generate_batch_tokens"] = sum(counts)
         return sum(counts)
 
-    return [Side(CUDA_BATCH_OURS, _timed(ours), True), Side(GENERATE_BATCH, _timed(continuous), False)]
+    return [Side(CUDA_BATCH_OURS, timed(ours), True), Side(GENERATE_BATCH, timed(continuous), False)]
 
 
 def _cuda_rows(model: Any, cfg: BenchConfig) -> list[Row]:
@@ -364,8 +353,8 @@ def _concurrent_row(path: str, cfg: BenchConfig) -> Row:
         key="concurrent",
         title=f"{k} concurrent streams x {n} tokens",
         unit="tokens/s",
-        sides=[Side(ours, _timed(streams(True)), True), Side(turns, _timed(streams(False)), True),
-               Side(ref, _timed(hf_batched), False)],
+        sides=[Side(ours, timed(streams(True)), True), Side(turns, timed(streams(False)), True),
+               Side(ref, timed(hf_batched), False)],
         reference=ref,
         targets=[Target(ours, ">=", 1.5, turns)],
         note="aggregate tokens/s of k threads each streaming one prompt; the engine side decodes the same "

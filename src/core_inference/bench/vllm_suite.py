@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .harness import BenchConfig, BenchError, Row, Side, Suite, Target, timed
 from .llama_cpp_suite import BATCH_PROMPTS, DECODE_PROMPT
 
 OURS = "ours"
@@ -67,14 +68,6 @@ def _folder(cfg: BenchConfig) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def _timed(work: Callable[[], int]) -> Callable[[], float]:
-    def run() -> float:
-        start = time.perf_counter()
-        units = work()
-        return units / (time.perf_counter() - start)
-
-    return run
-
 
 def _direct(model: Any, prompts: list[str], n: int) -> Callable[[], int]:
     """vLLM's own ``generate`` on the backend's engine: every prompt at once, greedy, ``n`` ids each."""
@@ -112,8 +105,12 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
     began = time.monotonic()
     model = VllmBackend().load_model(folder, context_len=1024, parallel_slots=slots,
                                      engine_options={"dtype": "float32"})
-    facts: dict[str, Any] = {"model": folder.rstrip("/").rsplit("/", 1)[-1], "load_seconds": round(
-        time.monotonic() - began, 1), "dtype": "float32", "max_model_len": 1024}
+    facts: dict[str, Any] = {
+        "model": folder.rstrip("/").rsplit("/", 1)[-1], "load_seconds": round(time.monotonic() - began, 1),
+        "dtype": "float32", "max_model_len": 1024,
+        # vLLM's CPU build: the cores its worker's threads are bound to ("auto": every core here)
+        "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+    }
     try:
         def ours_decode() -> int:
             got = sum(1 for _ in model.generate(DECODE_PROMPT, max_tokens=n))
@@ -121,9 +118,9 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
                 raise BenchError(f"generate stopped after {got} of {n} tokens; pick another prompt")
             return n
 
-        direct = _timed(_direct(model, [DECODE_PROMPT], n))
+        direct = timed(_direct(model, [DECODE_PROMPT], n))
         yield Row("decode", "one stream's greedy tokens/s", "tokens/s",
-                  [Side(OURS, _timed(ours_decode), True), Side(DIRECT, direct, False)],
+                  [Side(OURS, timed(ours_decode), True), Side(DIRECT, direct, False)],
                   DIRECT, targets=[Target(OURS, ">=", 0.97, against=DIRECT)], info={**facts, "tokens": n},
                   note="the same engine on both sides; ours adds tokenizing, each token's text, the result")
 
@@ -137,9 +134,9 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
                 raise BenchError(f"batch_generate gave {got} of {m * len(prompts)} tokens")
             return got
 
-        direct = _timed(_direct(model, prompts, m))
+        direct = timed(_direct(model, prompts, m))
         yield Row("batch_generate", "a batch's aggregate tokens/s", "tokens/s",
-                  [Side(OURS, _timed(ours_batch), True), Side(DIRECT, direct, False)],
+                  [Side(OURS, timed(ours_batch), True), Side(DIRECT, direct, False)],
                   DIRECT, targets=[Target(OURS, ">=", 0.97, against=DIRECT)],
                   info={**facts, "prompts": len(prompts), "tokens": m},
                   note="every prompt submitted at once on both sides; vLLM batches them in its steps")
@@ -152,26 +149,12 @@ SUITE = Suite("vllm", "vllm", _rows, _why_unavailable, _versions)
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m core_inference.bench.vllm_suite [--quick] [--out DIR]`` (in ``.venv-vllm``)."""
-    import argparse
-    import tempfile
+    from .runner import suite_main
 
-    from .harness import register_suite
-    from .runner import run_bench
-
-    ap = argparse.ArgumentParser(description="The vllm backend against vLLM's AsyncLLM on the same engine.")
-    ap.add_argument("--model", help="a Hugging Face folder (default: the embedded model, converted)")
-    ap.add_argument("--runs", type=int, help="timed runs per side (default 5)")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one run: proves it runs, times nothing")
-    ap.add_argument("--out", help="write <machine>.json and the chart here (default: not saved)")
-    ap.add_argument("--machine", help="results file name (default: <cpu>-<cores>c)")
-    args = ap.parse_args(argv)
-    register_suite(SUITE)
-    with tempfile.TemporaryDirectory(prefix="core-inference-bench-") as scratch:
-        results = run_bench(args.model, args.out or scratch, args.quick, runs=args.runs, suites=[SUITE.name],
-                            machine=args.machine)
-    failed = any(r["error"] for s in results["suites"] for r in s["rows"]) or any(
-        s.get("error") for s in results["suites"])
-    return 1 if failed else 0
+    return suite_main(
+        SUITE, argv, "The vllm backend against vLLM's AsyncLLM on the same engine.",
+        model_help="a Hugging Face folder (default: the embedded model, converted)", threads=False
+    )
 
 
 if __name__ == "__main__":  # vLLM spawns its engine and workers: the guard is required
