@@ -403,13 +403,17 @@ class VllmModel(BaseModel):
         for every position.
         """
         engine = self._live()
-        extra = {} if logits is None else {"logprobs": -1, "flat_logprobs": True, "detokenize": False}
+        texts = self._texts(ids)
+        extra: dict[str, Any] = {} if logits is None else {"logprobs": -1, "flat_logprobs": True}
+        if logits is not None or texts is not None:
+            # each id's text is made here (``texts``): vLLM's own detokenizing of the same ids,
+            # in the front end beside ours, would only cost time
+            extra["detokenize"] = False
         params = self._params(cfg, len(ids), stop_ids, **extra)
         rid = f"ci-{next(_SEQ)}-{uuid.uuid4().hex[:8]}"
         done = False
         seen = 0
         tail = ids[-_TAIL:]  # the last ids before each delta, for the text of merged ones
-        texts = self._texts(ids)
         try:
             async with contextlib.aclosing(engine.generate({"prompt_token_ids": ids}, params, rid)) as outs:
                 async for out in outs:
