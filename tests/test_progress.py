@@ -89,3 +89,12 @@ def test_convert_shows_each_step(
 
     conv.convert_gguf(default_model_file, tmp_path / "quiet", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_ticker_beside_an_engines_own_bar_writes_lines_only() -> None:
+    """``live=False``: a step that draws its own bar on the terminal gets no redraws of ours."""
+    stream = FakeTerminal()
+    with Ticker("reading", stream, interval=0.01, live=False):
+        time.sleep(0.05)
+    assert "\r" not in stream.getvalue()
+    assert stream.getvalue().splitlines() == ["reading ...", "reading: done in 0 s"]

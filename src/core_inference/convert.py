@@ -7,8 +7,8 @@ using transformers' own GGUF reader (extra ``convert``): it dequantises every te
 the folder holds exactly the weights llama.cpp computes with, at four times their
 quantised size (about 1.1 GB for Gemma 3 270M).
 
-A conversion is slow (minutes: the tokenizer of a 262k vocabulary takes most of it), so
-its result is kept: the folder carries a stamp naming the GGUF's SHA-256, and a second
+A conversion is slow (47 s for Gemma 3 270M on 2 cores, about what transformers itself
+takes), so its result is kept: the folder carries a stamp naming the GGUF's SHA-256, and a second
 call for the same file returns at once (without even hashing it again while the file's
 path, size and modification time are unchanged). The folder is written beside its final
 place and renamed into it, so an interrupted conversion leaves nothing half-written; an
@@ -124,15 +124,16 @@ def _convert_into(source: Path, work: Path, arch: str, file_template: str | None
     if not progress:
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        say(f"convert: reading and dequantising {name} (transformers)")
         # dequantize=True: a plain dense float32 model (transformers 5 otherwise keeps the
-        # weights in their GGUF blocks, which it cannot save as safetensors)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, local_files_only=True,
-            quantization_config=GgufConfig(dequantize=True),
-        )
-        # the slow step for a large vocabulary (about 100 s for Gemma's 262k), with no count
-        # of its own inside transformers: the elapsed time shows that it goes on
+        # weights in their GGUF blocks, which it cannot save as safetensors). Transformers
+        # draws its own bar over the tensors, so this step's seconds come at its end only.
+        with _step(f"convert: reading and dequantising {name} (transformers)", progress, live=False):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch.float32, local_files_only=True,
+                quantization_config=GgufConfig(dequantize=True),
+            )
+        # no count of its own inside transformers (15 s for Gemma's 262k tokens here): the
+        # elapsed time shows that it goes on
         with _step("convert: building the tokenizer from the GGUF vocabulary", progress):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except ImportError as exc:  # transformers names gguf/accelerate when they are missing
@@ -153,8 +154,8 @@ def _convert_into(source: Path, work: Path, arch: str, file_template: str | None
     del model
 
 
-def _step(label: str, progress: bool) -> AbstractContextManager[object]:
-    return Ticker(label) if progress else nullcontext()
+def _step(label: str, progress: bool, live: bool = True) -> AbstractContextManager[object]:
+    return Ticker(label, live=live) if progress else nullcontext()
 
 
 def _supported_architectures() -> frozenset[str]:

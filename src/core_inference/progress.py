@@ -96,10 +96,13 @@ class Ticker:
     redraws the elapsed time once a second; elsewhere only the start and the end are written.
     """
 
-    def __init__(self, label: str, stream: IO[str] | None = None, interval: float = 1.0) -> None:
+    def __init__(
+        self, label: str, stream: IO[str] | None = None, interval: float = 1.0, live: bool = True
+    ) -> None:
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = _isatty(self.stream)
+        # live=False: the step draws a bar of its own (an engine's), which a redraw would garble
+        self.tty = live and _isatty(self.stream)
         self.interval = interval
         self.began = 0.0
         self.seconds = 0.0
