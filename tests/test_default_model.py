@@ -17,6 +17,7 @@ import pytest
 from core_inference import ModelLoadError
 from core_inference import default_model as dm
 from core_inference.default_model import cache_dir, default_model_path
+from core_inference.progress import Progress
 
 Calls = list[tuple[int, int]]
 
@@ -36,7 +37,7 @@ def use_xdg(monkeypatch: pytest.MonkeyPatch, xdg: Path) -> Path:
     return xdg / "core-inference"
 
 
-def recorder(calls: Calls) -> dm.Progress:
+def recorder(calls: Calls) -> Progress:
     return lambda done, total: calls.append((done, total))
 
 
