@@ -8,8 +8,8 @@ the folder holds exactly the weights llama.cpp computes with, at four times thei
 quantised size (about 1.1 GB for Gemma 3 270M).
 
 A conversion is slow (47 s for Gemma 3 270M on 2 cores, about what transformers itself
-takes), so its result is kept: the folder carries a stamp naming the GGUF's SHA-256, and a second
-call for the same file returns at once (without even hashing it again while the file's
+takes), so its result is kept: the folder carries a stamp naming the GGUF's SHA-256, and a
+second call for the same file returns at once (without even hashing it again while the file's
 path, size and modification time are unchanged). The folder is written beside its final
 place and renamed into it, so an interrupted conversion leaves nothing half-written; an
 existing folder that is not a conversion is never overwritten.
@@ -66,7 +66,8 @@ def convert_gguf(
     """Convert ``gguf_path`` to a Hugging Face folder at ``out_dir`` (default: in the cache).
 
     Returns the folder. ``progress`` shows each step on stderr: a bar for hashing, transformers'
-    own bar for the tensors, the elapsed seconds of the tokenizer and the writing.
+    own bars for the tensors and the writing, each step's seconds, counted live while the
+    tokenizer is built (the step with no bar of its own).
     Raises ``ModelLoadError`` for a file it cannot read or an architecture transformers
     cannot convert, ``BackendUnavailable`` when the ``convert`` extra is missing.
     """
@@ -148,7 +149,7 @@ def _convert_into(source: Path, work: Path, arch: str, file_template: str | None
         tokenizer.chat_template = template
     else:
         say(f"convert: no chat template in the file and none built in for {arch!r}: chat will be unavailable")
-    with _step("convert: writing safetensors", progress):
+    with _step("convert: writing safetensors", progress, live=False):  # transformers draws a bar too
         model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
     del model
