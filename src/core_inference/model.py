@@ -270,12 +270,21 @@ class BaseModel:
         return self._tokenize(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        """The text of a sequence of token ids (control tokens render as nothing)."""
+        """The text of a sequence of token ids (control tokens render as nothing).
+
+        An id outside the model's vocabulary is a ``ValueError`` naming it, on every backend
+        (engines differ: llama.cpp aborts the process, tokenizers return "" or overflow).
+        """
         if isinstance(ids, (str, bytes)) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in ids
         ):
             raise TypeError("ids: expected a sequence of int")
         self._check_open()
+        vocab = self._describe().vocab_size  # 0 where the backend cannot know: negatives only
+        for n, i in enumerate(ids):
+            if i < 0 or (vocab > 0 and i >= vocab):
+                known = f"0 to {vocab - 1}" if vocab > 0 else "0 and up"
+                raise ValueError(f"ids[{n}]: {i} is not a token id of this model (ids run from {known})")
         return self._detokenize(ids)
 
     def classify(

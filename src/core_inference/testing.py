@@ -109,7 +109,9 @@ class FakeModel(BaseModel):
         return out
 
     def _describe(self) -> ModelInfo:
-        return ModelInfo(architecture="fake", vocab_size=len(self.vocab), context_length=4096)
+        # the tokenizer's words beyond the scripted vocabulary are ids too
+        vocab = len(self.vocab) + len(self._words)
+        return ModelInfo(architecture="fake", vocab_size=vocab, context_length=4096)
 
     def _close_engine(self) -> None:
         self.engine_closed = True
@@ -519,6 +521,21 @@ class BackendContract:
         assert stream.prompt_tokens == len(ids)
         assert self.prompt in model.detokenize(ids)
         assert model.context_len > len(ids)
+
+    def test_detokenize_refuses_ids_outside_the_vocabulary(self) -> None:
+        model = self._shared()
+        _require(model, "tokenize")
+        ids = model.tokenize(self.prompt)
+        vocab = model.info().vocab_size
+        assert model.detokenize(ids).strip()
+        past = [[vocab], [ids[0], 2**40]] if vocab > 0 else []  # unknown (a server's): negatives only
+        for bad in ([-1], [ids[0], -5], *past):
+            try:
+                model.detokenize(bad)
+            except ValueError as exc:
+                assert "is not a token id of this model" in str(exc), exc
+            else:
+                raise AssertionError(f"detokenize({bad}) did not raise ValueError")
 
     def test_chat_prompt_through_generate_is_chat(self) -> None:
         model = self._shared()
