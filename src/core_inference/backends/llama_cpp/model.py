@@ -193,7 +193,7 @@ class LlamaCppModel(BaseModel):
                 fed = list(tokens)
                 if self._prefix_cache:
                     with self._seq_lock:
-                        self._live[seq] = fed
+                        self._live[seq] = tokens  # the prompt: not ``fed``, which grows as it decodes
                 rec.prefill_done(len(tokens))
                 rec.cached_prompt_tokens = start
                 pos = len(tokens)
