@@ -112,6 +112,27 @@ def convert_gguf(
     return target
 
 
+def convert_default_with(python: str | os.PathLike[str], timeout: float | None = None) -> Path:
+    """The embedded default model converted by another interpreter, ``python``, that has the
+    ``convert`` extra (kept in the cache as ``convert_gguf`` keeps it): for an environment
+    without the converter, such as vLLM's own, which pins an older transformers.
+
+    Raises ``RuntimeError`` with the end of that interpreter's stderr when it fails.
+    """
+    code = (
+        "from core_inference.convert import convert_gguf;"
+        "from core_inference.default_model import default_model_path;"
+        "print(convert_gguf(default_model_path(progress=False), progress=False))"
+    )
+    import subprocess
+
+    done = subprocess.run([os.fspath(python), "-c", code], capture_output=True, text=True, check=False,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting the default model with {python} failed:\n{done.stderr[-3000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def _convert_into(source: Path, work: Path, arch: str, file_template: str | None, progress: bool) -> None:
     try:
         import torch

@@ -8,7 +8,6 @@ module loads as few engines as it can, with a small context and one thread per p
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,13 +64,9 @@ def converted_default_folder() -> Path:
     user's cache, so only the first run on a machine pays its minutes."""
     if not MAIN_PYTHON.exists():
         pytest.skip(f"{MAIN_PYTHON} is missing: the default model is converted there (make test builds it)")
-    code = (
-        "from core_inference.convert import convert_gguf;"
-        "from core_inference.default_model import default_model_path;"
-        "print(convert_gguf(default_model_path(progress=False), progress=False))"
-    )
-    done = subprocess.run([str(MAIN_PYTHON), "-c", code], capture_output=True, text=True, timeout=1800,
-                          cwd=REPO, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"converting the default model failed:\n{done.stderr[-3000:]}")
-    return Path(done.stdout.strip().splitlines()[-1])
+    from core_inference.convert import convert_default_with
+
+    try:
+        return convert_default_with(MAIN_PYTHON, timeout=1800)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

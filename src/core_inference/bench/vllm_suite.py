@@ -54,18 +54,15 @@ def _folder(cfg: BenchConfig) -> str:
         return cfg.model
     if cfg.model:
         raise BenchError("the vllm suite needs a Hugging Face folder (core-inference convert makes one)")
-    import subprocess
     import sys
     from pathlib import Path
 
-    main = Path(sys.prefix).parent / ".venv" / "bin" / "python"
-    code = ("from core_inference.convert import convert_gguf;"
-            "from core_inference.default_model import default_model_path;"
-            "print(convert_gguf(default_model_path(progress=False), progress=False))")
-    done = subprocess.run([str(main), "-c", code], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"converting the default model with {main} failed: {done.stderr[-500:]}")
-    return done.stdout.strip().splitlines()[-1]
+    from ..convert import convert_default_with
+
+    try:  # vLLM's environment lacks the converter: the main one (beside it) converts
+        return str(convert_default_with(Path(sys.prefix).parent / ".venv" / "bin" / "python"))
+    except RuntimeError as exc:
+        raise BenchError(str(exc)[-800:]) from exc
 
 
 

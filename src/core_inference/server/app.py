@@ -299,7 +299,7 @@ async def _detokenize(request: Request, state: ServerState) -> Response:
         raise ProtocolError("this model's backend cannot detokenize", status=501, code="not_implemented")
     vocab = state.served.vocab_size
     for i, t in enumerate(ids):
-        if vocab and t >= vocab:  # llama.cpp aborts the whole process on an id past its vocabulary
+        if vocab and t >= vocab:  # the model refuses it too; here the error names the request's field
             raise ProtocolError(f"tokens[{i}]: {t} is not in the vocabulary (size {vocab})", f"tokens[{i}]")
     try:
         text = await asyncio.to_thread(model.detokenize, ids)
