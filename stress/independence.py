@@ -9,7 +9,10 @@ run counts how many outputs are the same token for token under
   and its logits bit for bit against ``classify([prompt])`` alone),
 - 4 threads streaming ``generate`` on one model with 4 parallel slots,
 
-once with the engine's defaults and once with ``shared_decode=False, prefix_cache=False``.
+with the engine's defaults, with ``batch_invariant=True`` (everything shared, on kernels
+whose result for a row does not depend on its neighbours) and with ``shared_decode=False,
+prefix_cache=False`` (nothing shared). Each configuration runs in a process of its own:
+``batch_invariant`` switches a kernel off for the whole process.
 
 The figures are counts, not timings: a busy machine changes how calls interleave, not
 what llama.cpp computes for a given step, so they hold on any machine of the same kind.
@@ -31,6 +34,7 @@ import json
 import os
 import queue
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -49,9 +53,11 @@ WORDS = (
 )
 
 
-# the default (a decode shared by the streams, a prefix cache) and nothing shared at all
+# the default (a decode shared by the streams, a prefix cache), the same on batch-invariant
+# kernels, and nothing shared at all
 CONFIGS: dict[str, dict[str, bool]] = {
     "default": {},
+    "invariant": {"batch_invariant": True},
     "unshared": {"shared_decode": False, "prefix_cache": False},
 }
 
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--longest", type=int, default=400, help="tokens in the longest prompt")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "independence.json"))
     ap.add_argument("--config", action="append", choices=list(CONFIGS),
                     help="only this configuration (repeatable); the others' figures in --out are kept")
@@ -143,12 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     path = cast("Callable[..., Path]", ci.default_model_path)(progress=False)
     out = Path(args.out)
     result: dict[str, Any] = json.loads(out.read_text()) if args.config and out.exists() else {}
+    names = [n for n in CONFIGS if not args.config or n in args.config]
+    if len(names) > 1:  # one process per configuration
+        for name in names:
+            rest = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "config"]
+            subprocess.run([sys.executable, __file__, *rest, "--config", name], check=True,
+                           stdout=subprocess.DEVNULL)
+        return 0
     for name, options in CONFIGS.items():
-        if args.config and name not in args.config:
+        if name not in names:
             continue
         began = time.time()
         with ci.load_model(path, parallel_slots=4, threads=args.threads, engine_options=options) as model:
-            prompts = make_prompts(model, args.prompts, args.seed)
+            prompts = make_prompts(model, args.prompts, args.seed, longest=args.longest)
             result[name] = {"engine_options": options, **measure(model, prompts, args.max_tokens)}
         result[name]["seconds"] = round(time.time() - began, 1)
         print(name, json.dumps(result[name]["shares"]), file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ class LlamaCppBackend(BaseBackend):
     extra = "llama-cpp"
     engine_modules = ("llama_cpp",)
     formats = ("gguf",)
-    engine_options = frozenset({"prefill_chunk", "prefix_cache", "shared_decode"})
+    engine_options = frozenset({"batch_invariant", "prefill_chunk", "prefix_cache", "shared_decode"})
 
     def _load(self, path: str, cfg: LoadConfig) -> LlamaCppModel:
         header = gguf_header(path)  # llama.cpp can abort the process on a malformed file

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import logging
+import os
 import queue
 import sys
 import threading
@@ -83,6 +84,51 @@ def init_backend() -> None:
             L.llama_log_set(_log_callback, ctypes.c_void_p(0))
             L.llama_backend_init()
             _initialised = True
+
+
+TILED_SWITCH = "GGML_CPU_TILED_MM"  # ggml reads it once, at the process's first matrix product
+
+
+def batch_invariant_kernels() -> None:
+    """Make llama.cpp's CPU kernels give a row the same result whatever rows share its decode.
+
+    Three of ggml's kernel choices depend on how many rows a matrix product has, and the
+    results they give differ in the last bits, enough to flip a close greedy pick:
+
+    - repacked weights (``use_extra_bufts``) are multiplied four rows at a time, and the
+      rows left over one at a time, in another order of sums;
+    - the tiled K-quant kernel takes products of 8 rows or more, the plain one fewer;
+    - flash attention splits a lone query row's keys in chunks from 512 cached tokens on,
+      and tiles many rows.
+
+    And one choice of the cache: sliding-window layers that keep only their window reuse
+    cells in an order set by how the prompt was cut into decodes, and attention sums over
+    cells in cell order. ``Context(invariant=True)`` keeps the whole context in them
+    (``swa_full``: more memory) and turns flash attention off; ``Model(repack=False)``;
+    the tiled kernel can only be switched off for the whole process, through an environment
+    variable ggml reads once, when it first multiplies. So this sets it before the
+    process's first decode, and refuses once a decode has run with the kernel on.
+    """
+    have = {name for name, *_ in L.llama_model_params._fields_} | {
+        name for name, *_ in L.llama_context_params._fields_
+    }
+    if not {"use_extra_bufts", "flash_attn_type"} <= have:
+        import llama_cpp
+
+        raise ValueError(
+            f"engine_options: batch_invariant needs a llama-cpp-python newer than "
+            f"{getattr(llama_cpp, '__version__', 'this one')} (its llama.cpp lacks the "
+            "use_extra_bufts and flash_attn_type settings)"
+        )
+    if os.environ.get(TILED_SWITCH) == "0":
+        return
+    if _DECODER.started:
+        raise ValueError(
+            "engine_options: batch_invariant needs llama.cpp's tiled matrix kernel off, which ggml "
+            "decides once per process, and a decode has already run with it on: set "
+            f"{TILED_SWITCH}=0 in the environment, or load this model before any other decodes"
+        )
+    os.environ[TILED_SWITCH] = "0"
 
 
 class Aborted(InferenceError):
@@ -184,6 +230,11 @@ class _DecodeThread:
             held.append(exc)
         return call.rc
 
+    @property
+    def started(self) -> bool:
+        """Whether any decode was asked for in this process."""
+        return self._thread is not None
+
     def wait_idle(self, ctx: Any) -> None:
         """Return once no decode of ``ctx`` runs (before the context is freed)."""
         with self._idle:
@@ -270,7 +321,9 @@ class Batch:
 class Context:
     """A llama.cpp context (KV cache for ``n_seq`` sequences) with its batch."""
 
-    def __init__(self, model: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> None:
+    def __init__(
+        self, model: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int, invariant: bool = False
+    ) -> None:
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -280,7 +333,9 @@ class Context:
         params.n_threads_batch = threads
         params.no_perf = False
         params.kv_unified = False
-        params.swa_full = False
+        params.swa_full = invariant
+        if invariant:  # see batch_invariant_kernels
+            params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ptr = L.llama_init_from_model(model, params)
         if not self.ptr:
             raise EngineError(
@@ -384,10 +439,12 @@ class Context:
 class Model:
     """A loaded GGUF model: vocabulary, tokenizer, detokenizer and sampler factory."""
 
-    def __init__(self, path: str, gpu_layers: int) -> None:
+    def __init__(self, path: str, gpu_layers: int, repack: bool = True) -> None:
         check_engine()
         init_backend()
         params = L.llama_model_default_params()
+        if not repack:  # llama.cpp's default rearranges the weights for the CPU's matrix kernels
+            params.use_extra_bufts = False
         params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
         params.progress_callback = _load_progress
         _loading.interrupted = False
@@ -468,8 +525,10 @@ class Model:
     def eos(self) -> int:
         return int(L.llama_vocab_eos(self.vocab))
 
-    def new_context(self, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> Context:
-        return Context(self.ptr, n_ctx, n_seq, n_batch, threads)
+    def new_context(
+        self, n_ctx: int, n_seq: int, n_batch: int, threads: int, invariant: bool = False
+    ) -> Context:
+        return Context(self.ptr, n_ctx, n_seq, n_batch, threads, invariant)
 
     def free(self) -> None:
         if self.ptr:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,6 +35,7 @@ from .steps import FairLock, Job, Steps
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
 PREFILL_CHUNK = 512  # prompt tokens per prefill decode (one n_batch), cut at the same positions always
+MIN_PIECE = 2  # batch_invariant: a prompt's rows are never decoded one alone (attention takes another kernel)
 ROW_GROUP = 4  # a resumed prefill starts on a multiple of this many rows ...
 SAME_KERNEL_ROWS = 64  # ... and decodes at least this many (see _reuse_start)
 MIN_SHARED_PREFIX = 32  # shorter shared prefixes are prefilled again rather than copied between sequences
@@ -89,13 +90,19 @@ class LlamaCppModel(BaseModel):
         # each prompt as generate would alone (answers independent of the neighbours, at the
         # cost of the throughput that sharing a decode brings)
         self._shared_decode = _flag(cfg.engine_options.get("shared_decode", True), "shared_decode")
+        # True: kernels whose result for a row does not depend on the rows beside it, so every
+        # answer is the prompt's alone with all the sharing above on (docs/reliability.md)
+        self._invariant = _flag(cfg.engine_options.get("batch_invariant", False), "batch_invariant")
         self._steps = Steps(self._engine_lock, self._run_step, chunk)
         try:
-            self._model = engine.Model(path, cfg.gpu_layers)
+            if self._invariant:
+                engine.batch_invariant_kernels()
+            self._model = engine.Model(path, cfg.gpu_layers, repack=not self._invariant)
             train = self._model.n_ctx_train or DEFAULT_CONTEXT
             self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
-            self._ctx = self._model.new_context(self.context_len * slots, slots, 512, self.threads)
-            self._prefill_step = max(1, min(chunk, self._ctx.n_batch))  # tokens per prefill decode
+            self._ctx = self._new_context(self.context_len * slots, slots, 512)
+            # tokens per prefill decode; batch-invariant pieces are never one row (see _pieces)
+            self._prefill_step = max(MIN_PIECE + 2 if self._invariant else 1, min(chunk, self._ctx.n_batch))
             self._template = self._find_template()
             bos = self._model.bos
             self._bos_text = self._model.special_text(bos) if bos >= 0 and self._model.adds_bos else ""
@@ -105,6 +112,9 @@ class LlamaCppModel(BaseModel):
             self._closed.set()
             self._free()
             raise
+
+    def _new_context(self, n_ctx: int, n_seq: int, n_batch: int) -> Any:
+        return self._model.new_context(n_ctx, n_seq, n_batch, self.threads, self._invariant)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -229,7 +239,9 @@ class LlamaCppModel(BaseModel):
             # A stream that ended in an error or a cancel inside a decode may have left cells
             # the bookkeeping does not know of: such a sequence is not kept.
             if took[0] >= 0:
-                self._give_seq(took[0], fed, clean)
+                # batch-invariant: only the prompt is kept for reuse. The answer's cells came
+                # from one-row decodes, whose attention takes another kernel than a prefill's
+                self._give_seq(took[0], fed[: len(tokens)] if self._invariant else fed, clean)
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
 
     # -- slots and the prefix cache ----------------------------------------------------
@@ -264,7 +276,7 @@ class LlamaCppModel(BaseModel):
                     n = _common_prefix(held, tokens)
                     if n > common and seq not in free:
                         best, common = seq, n
-            start = _reuse_start(common, len(tokens), self._prefill_step) if best >= 0 else 0
+            start = self._reuse_start(common, len(tokens)) if best >= 0 else 0
             if best in kept and common == len(kept[best]):
                 target = best  # extending it loses nothing
             else:
@@ -288,6 +300,13 @@ class LlamaCppModel(BaseModel):
                         start = 0  # too short to be worth a copy
                 took[1] = start
                 llama.truncate_seq(target, start)
+
+    def _reuse_start(self, common: int, n: int) -> int:
+        """Where to resume prefill of an ``n``-token prompt whose first ``common`` tokens are
+        cached: anywhere that leaves two rows or more to decode, with batch-invariant kernels."""
+        if self._invariant:
+            return max(0, min(common, n - MIN_PIECE))
+        return _reuse_start(common, n, self._prefill_step)
 
     def _give_seq(self, seq: int, kept: list[int], clean: bool) -> None:
         """Return ``seq`` to the free list, keeping its cache for the next call when ``clean``.
@@ -319,12 +338,11 @@ class LlamaCppModel(BaseModel):
         running decode, not after it.
         """
         rec.prefill_duration = 0.0  # this call's own decodes, not the waits for its turn
-        step = self._prefill_step
         with self._watch(ctx, len(tokens) - start > WATCH_PREFILL_OVER) as me:
             pos = start
             while pos < len(tokens):
                 self._raise_if_ended(ctx, "during prefill")
-                end = min(len(tokens), (pos // step + 1) * step)
+                end = self._piece_end(pos, len(tokens))
                 last = end == len(tokens)
                 job = self._steps.run(Job(seq, tokens[pos:end], pos, last, sampler, ctx, me, reset=reset,
                                           want_logits=last and logits is not None))
@@ -339,6 +357,21 @@ class LlamaCppModel(BaseModel):
                         logits.append(job.logits)
                     return job.token
         raise ValueError("prompt: no tokens to decode")
+
+    def _piece_end(self, pos: int, n: int) -> int:
+        """Where the prefill decode that starts at ``pos`` of an ``n``-token prompt ends.
+
+        By default at the next multiple of the prefill step from the prompt's start, whatever
+        the load, so that a prompt is cut the same way alone and beside others. With
+        batch-invariant kernels any cut gives the same logits, as long as no decode holds a
+        single row of the prompt: the step is taken from ``pos``, less one where that would
+        leave one row for the last decode.
+        """
+        step: int = self._prefill_step
+        if not self._invariant:
+            return min(n, (pos // step + 1) * step)
+        end = min(n, pos + step)
+        return end - 1 if n - end == 1 else end
 
     def _run_step(self, decodes: list[Job], chunks: list[Job]) -> None:
         """One step (under the engine lock): every stream's next token in one decode, then chunks.
@@ -467,7 +500,7 @@ class LlamaCppModel(BaseModel):
         per_seq = max(per_seq, have.per_seq if have else 0)
         n_seq = max(n_seq, have.n_seq if have else 0)
         n_batch = min(max(512, n_seq), 4096)
-        self._batch_ctx = self._model.new_context(n_seq * per_seq, n_seq, n_batch, self.threads)
+        self._batch_ctx = self._new_context(n_seq * per_seq, n_seq, n_batch)
         return self._batch_ctx
 
     def _classify(
@@ -481,7 +514,7 @@ class LlamaCppModel(BaseModel):
             except ContextLengthExceeded as exc:  # one prompt too long does not sink the batch
                 errors[i] = exc
         done: dict[int, tuple[Token, Any]] = {}
-        keys = list(encoded)
+        keys = self._pack_order(encoded)
         rec.prefill_duration = 0.0
         if not self._shared_decode:  # each prompt through the streams' steps: no batch context
             for k in keys:
@@ -499,6 +532,12 @@ class LlamaCppModel(BaseModel):
         rec.prefill_end = time.perf_counter()
         rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
         return classify_results(len(prompts), encoded, errors, done, rec)
+
+    def _pack_order(self, encoded: dict[int, list[int]]) -> list[int]:
+        """The prompts' keys in the order they become sequences: by length with batch-invariant
+        kernels, so prompts of one length are neighbours (``_pack_invariant``)."""
+        keys = list(encoded)
+        return sorted(keys, key=lambda k: len(encoded[k])) if self._invariant else keys
 
     def _classify_alone(
         self, tokens: list[int], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
@@ -557,21 +596,21 @@ class LlamaCppModel(BaseModel):
         per_seq = _round_up(max(map(len, group)) + 1, 64)
         with self._engine_lock:
             llama = self._batch_context(CLASSIFY_SEQS, per_seq)
+        out: dict[int, tuple[Token, Any]] = {}
+
+        def take(seq: int, index: int) -> None:  # under the engine lock, right after the decode
+            sampler = self._engine.Sampler(cfg, self._model.n_vocab)
+            try:
+                sampler.accept_all(group[seq])  # as generate's: penalties see the prompt
+                tid = sampler.sample(llama, index)
+            finally:
+                sampler.free()
+            logits = llama.logits(index, self._model.n_vocab) if cfg.return_logits else None
+            out[seq] = (Token(tid, self._model.piece(tid).decode("utf-8", "replace")), logits)
+
         try:
-            outputs = self._pack_prefill(llama, group, ctx, me, rec)
-            with self._engine_lock:  # only this call decodes on the batch context: its logits still stand
-                out = []
-                for index, prompt in zip(outputs, group, strict=True):
-                    sampler = self._engine.Sampler(cfg, self._model.n_vocab)
-                    try:
-                        sampler.accept_all(prompt)  # as generate's: penalties see the prompt
-                        tid = sampler.sample(llama, index)
-                    finally:
-                        sampler.free()
-                    logits = llama.logits(index, self._model.n_vocab) if cfg.return_logits else None
-                    text = self._model.piece(tid).decode("utf-8", "replace")
-                    out.append((Token(tid, text), logits))
-            return out
+            self._pack_prefill(llama, group, ctx, me, rec, take)
+            return [out[seq] for seq in range(len(group))]
         finally:
             # also when a deadline or cancel ended it part-way: the next call's sequences
             # start empty (found: a cut-short classify left sequence 0 holding 30 positions,
@@ -582,24 +621,38 @@ class LlamaCppModel(BaseModel):
                         llama.clear_seq(seq)
 
     def _pack_prefill(
-        self, llama: Any, prompts: list[list[int]], ctx: Context, me: object | None, rec: MetricsRecorder
-    ) -> list[int]:
+        self,
+        llama: Any,
+        prompts: list[list[int]],
+        ctx: Context,
+        me: object | None,
+        rec: MetricsRecorder,
+        take: Callable[[int, int], None],
+    ) -> None:
         """Prefill prompts as sequences 0..n-1, packed into as few batches as fit.
 
-        Returns, per prompt, the batch index of its last position's logits. Only the
-        last batch's outputs are readable, so every prompt's last token goes there.
-        A prefix that every prompt shares (an instruction, few-shot examples) is decoded
-        once, in sequence 0, and copied to the others with llama.cpp's own sequence copy.
-        The engine lock is taken per decode, so streams get their steps in between, and
-        each decode is armed: the call's deadline or cancel stops it inside llama.cpp.
+        ``take(seq, index)`` is called, under the engine lock and right after the decode
+        that holds a prompt's last position, with that position's batch index (only the
+        last decode's outputs are readable). A prefix that every prompt shares (an
+        instruction, few-shot examples) is decoded once, in sequence 0, and copied to the
+        others with llama.cpp's own sequence copy. The engine lock is taken per decode, so
+        streams get their steps in between, and each decode is armed: the call's deadline
+        or cancel stops it inside llama.cpp.
         """
         shared = self._shared_prefix(prompts)
         if shared:
-            self._decode_bodies(llama, [(0, pos, t) for pos, t in enumerate(prompts[0][:shared])], ctx, me)
+            head = prompts[0][:shared]
+            if self._invariant:
+                self._decode_pieces(llama, 0, head, 0, ctx, me)
+            else:
+                self._decode_bodies(llama, [(0, pos, t) for pos, t in enumerate(head)], ctx, me)
             with self._engine_lock:  # copied at the start of the next decode, before it writes
                 for seq in range(1, len(prompts)):
                     llama.copy_seq(0, seq)
             rec.cached_prompt_tokens += shared * (len(prompts) - 1)
+        if self._invariant:
+            self._pack_invariant(llama, prompts, shared, ctx, me, take)
+            return
         bodies = [
             (seq, pos, t) for seq, p in enumerate(prompts) for pos, t in enumerate(p[:-1]) if pos >= shared
         ]
@@ -610,14 +663,90 @@ class LlamaCppModel(BaseModel):
             batch.clear()
             outputs = [batch.add(p[-1], len(p) - 1, seq, True) for seq, p in enumerate(prompts)]
             self._decode_armed(llama, me, ctx)
-        return outputs
+            for seq, index in enumerate(outputs):
+                take(seq, index)
+
+    def _pack_invariant(
+        self,
+        llama: Any,
+        prompts: list[list[int]],
+        start: int,
+        ctx: Context,
+        me: object | None,
+        take: Callable[[int, int], None],
+    ) -> None:
+        """Prefill ``prompts[seq][start:]`` so that each prompt's rows meet only kernels
+        that give them what a prefill alone gives (batch-invariant kernels).
+
+        llama.cpp cuts a decode of several sequences into micro-batches holding as many
+        rows of each; prompts of unequal lengths would leave some of them a single row,
+        whose attention takes another kernel. So a decode packs whole prompts of one
+        length, in consecutive sequences (the callers sort prompts by length: sequences
+        out of order are cut apart too), and a prompt longer than a decode holds gets
+        pieces of its own.
+        """
+        batch, n_batch = llama.batch, llama.n_batch
+        seq = 0
+        while seq < len(prompts):
+            size = len(prompts[seq]) - start
+            if size > n_batch // 2:
+                self._decode_pieces(llama, seq, prompts[seq], start, ctx, me, take)
+                seq += 1
+                continue
+            group = [seq]
+            while (
+                group[-1] + 1 < len(prompts)
+                and len(prompts[group[-1] + 1]) - start == size
+                and (len(group) + 1) * size <= n_batch
+            ):
+                group.append(group[-1] + 1)
+            self._raise_if_ended(ctx, "during prefill")
+            with self._engine_lock:
+                batch.clear()
+                ends = {}
+                for s in group:
+                    for pos in range(start, len(prompts[s])):
+                        index = batch.add(prompts[s][pos], pos, s, pos == len(prompts[s]) - 1)
+                    ends[s] = index
+                self._decode_armed(llama, me, ctx)
+                for s, index in ends.items():
+                    take(s, index)
+            seq = group[-1] + 1
+
+    def _decode_pieces(
+        self,
+        llama: Any,
+        seq: int,
+        tokens: list[int],
+        start: int,
+        ctx: Context,
+        me: object | None,
+        take: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Decode ``tokens[start:]`` into ``seq`` alone, in pieces of two rows or more (one
+        decode at a time, under the engine lock); ``take`` gets the last position's index."""
+        batch, pos, n = llama.batch, start, len(tokens)
+        while pos < n:
+            end = min(n, pos + llama.n_batch)
+            end = end - 1 if n - end == 1 else end
+            self._raise_if_ended(ctx, "during prefill")
+            with self._engine_lock:
+                batch.clear()
+                for p in range(pos, end):
+                    index = batch.add(tokens[p], p, seq, take is not None and p == n - 1)
+                self._decode_armed(llama, me, ctx)
+                if take is not None and end == n:
+                    take(seq, index)
+            pos = end
 
     def _shared_prefix(self, prompts: list[list[int]]) -> int:
         """How many first tokens all ``prompts`` share, when worth decoding once (else 0)."""
         if not self._prefix_cache or len(prompts) < 2:
             return 0
         first = prompts[0]
-        n = min(len(p) for p in prompts) - 1  # every prompt's last token is decoded for its logits
+        # every prompt's last token is decoded for its logits, with batch-invariant kernels
+        # in a decode of two rows or more
+        n = min(len(p) for p in prompts) - (MIN_PIECE if self._invariant else 1)
         for p in prompts[1:]:
             n = _common_prefix(first[:n], p)
         return n if n >= MIN_SHARED_PREFIX else 0
@@ -650,7 +779,7 @@ class LlamaCppModel(BaseModel):
             for k in encoded:
                 self._generate_alone(k, encoded[k], book, cfg, ctx)
         elif encoded and cfg.max_tokens:
-            keys = list(encoded)
+            keys = self._pack_order(encoded)
             with self._batch_turn(ctx), self._watch(ctx, _total(encoded) > WATCH_PREFILL_OVER) as me:
                 for start in range(0, len(keys), BATCH_SEQS):
                     group = keys[start : start + BATCH_SEQS]
@@ -707,16 +836,22 @@ class LlamaCppModel(BaseModel):
             began = clock()
             with self._engine_lock:
                 llama = self._batch_context(len(keys), per_seq)
-            outputs = self._pack_prefill(llama, prompts, ctx, me, rec)
+            picks: dict[int, int] = {}  # per sequence: the token just sampled
+
+            def first(seq: int, index: int) -> None:
+                picks[seq] = samplers[seq].sample(llama, index)
+
+            self._pack_prefill(llama, prompts, ctx, me, rec, first)
             rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - began
             rec.prefill_done(rec.prompt_tokens + sum(map(len, prompts)))
-            live = {seq: (outputs[seq], len(prompts[seq])) for seq in range(len(keys))}
+            live = {seq: (-1, len(prompts[seq])) for seq in range(len(keys))}
             seq_end = min(llama.per_seq, self.context_len)  # as generate: no position past the context
             while live:
                 self._raise_if_ended(ctx, "during batch_generate")
                 with self._engine_lock:
                     began = clock()
-                    picks = {seq: samplers[seq].sample(llama, idx) for seq, (idx, _) in live.items()}
+                    if not picks:
+                        picks = {seq: samplers[seq].sample(llama, idx) for seq, (idx, _) in live.items()}
                     llama.batch.clear()
                     nxt = {}
                     for seq, tid in picks.items():
@@ -736,7 +871,7 @@ class LlamaCppModel(BaseModel):
                         self._decode_armed(llama, me, ctx)
                     for seq in set(live) - set(nxt):
                         llama.clear_seq(seq)
-                    live = nxt
+                    live, picks = nxt, {}
                     rec.decode_duration = (rec.decode_duration or 0.0) + clock() - began
         finally:
             for s in samplers:
