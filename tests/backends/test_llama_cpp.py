@@ -394,7 +394,7 @@ def test_unshared_classify_and_batch_generate_give_each_prompt_its_answer_alone(
 
 
 def test_engine_options_must_be_bools(model_path: Path) -> None:
-    for name in ("prefix_cache", "shared_decode"):
+    for name in ("prefix_cache", "shared_decode", "batch_invariant"):
         with pytest.raises(ValueError, match=name):
             LlamaCppBackend().load_model(model_path, engine_options={name: "yes"})
 
