@@ -31,6 +31,7 @@ SKIP = re.compile(r"<!-- docs-test: skip: (?P<reason>[^>]*?) -->\s*$")
 EXPECT = {
     "README.md": ["100 degrees Celsius", "Bonjour"],
     "contract.md": ["True"],
+    "reliability.md": ["same as alone: True"],
     "backends.md": ["one two three"],
     "server.md": ["length 32", "24 generated]"],
     "openai.md": ["True True"],

@@ -16,7 +16,7 @@ from typing import Any
 
 import core_inference as ci
 
-WORDS = "river valley green stone house light morning quiet market bread window teacher".split()
+WORDS = ["river", "valley", "green", "stone", "house", "light", "morning", "quiet", "market", "bread"]
 SYSTEM = "You are a careful assistant. Answer in one short sentence. " * 12
 
 

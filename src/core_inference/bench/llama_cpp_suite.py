@@ -322,6 +322,8 @@ def _batch_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> Row:
     def ours_exact() -> int:
         return sum(len(r.tokens) for r in exact.batch_generate(prompts, max_tokens=n))
 
+    invariant = _invariant_worker(model, stack)
+
     engine = _BatchDecoder(llm, cfg.threads, prompts, n)
     stack.callback(engine.free)
     seq_name = f"ours: {len(prompts)} x generate, one after another"
@@ -333,20 +335,33 @@ def _batch_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> Row:
             Side("ours: batch_generate", timed(ours_batch), True),
             Side(seq_name, timed(ours_sequential), True),
             Side(EXACT_BATCH, timed(ours_exact), True),
+            Side(INVARIANT_BATCH, lambda: invariant.run("batch_generate", prompts, n), True),
             Side("llama_decode batched loop (C API), no sampling", timed(engine.run), False),
         ],
         reference=seq_name,
         targets=[Target("ours: batch_generate", ">=", 2.5, seq_name)],
         note="aggregate generated tokens/s; the engine row packs the same prompts as sequences of one "
         "batch and feeds back a fixed token per sequence (the ceiling: no sampling, no text); "
-        "shared_decode=False runs each prompt as a generate of it alone (answers independent of the "
-        "batch, docs/reliability.md)",
+        "shared_decode=False runs each prompt as a generate of it alone, batch_invariant packs them on "
+        "kernels whose rows do not depend on their neighbours (in a process of its own, timed there): "
+        "both give answers independent of the batch, docs/reliability.md",
         info=seen,
     )
 
 
 EXACT_BATCH = "ours: batch_generate, shared_decode=False (each prompt as alone)"
 EXACT_CLASSIFY = "ours: classify, shared_decode=False (each sentence as alone)"
+INVARIANT_BATCH = "ours: batch_generate, batch_invariant=True (packed, invariant kernels)"
+INVARIANT_CLASSIFY = "ours: classify, batch_invariant=True (packed, invariant kernels)"
+
+
+def _invariant_worker(model: Any, stack: ExitStack) -> Any:
+    """The same model with ``batch_invariant=True``, in a worker process, stopped with the row."""
+    from .invariant_worker import InvariantWorker
+
+    worker = InvariantWorker(model.path, model.threads)
+    stack.callback(worker.close)
+    return worker
 
 
 def _exact_model(model: Any, stack: ExitStack) -> Any:
@@ -426,6 +441,8 @@ def _classify_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> R
     def exact_packed() -> int:
         return len(exact.classify(sentences))
 
+    invariant = _invariant_worker(model, stack)
+
     def packed() -> int:
         return len(model.classify(sentences))
 
@@ -447,6 +464,7 @@ def _classify_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack) -> R
             Side("ours: classify (packed)", timed(packed), True),
             Side("ours: classify, one sentence per call", timed(one_at_a_time), True),
             Side(EXACT_CLASSIFY, timed(exact_packed), True),
+            Side(INVARIANT_CLASSIFY, lambda: invariant.run("classify", sentences), True),
             Side(eval_name, timed(engine_each), False),
         ],
         reference=eval_name,

@@ -120,9 +120,9 @@ def batch_invariant_kernels() -> None:
             f"{getattr(llama_cpp, '__version__', 'this one')} (its llama.cpp lacks the "
             "use_extra_bufts and flash_attn_type settings)"
         )
-    if os.environ.get(TILED_SWITCH) == "0":
-        return
     if _DECODER.started:
+        if _DECODER.tiled_switch == "0":
+            return  # off since before the first decode
         raise ValueError(
             "engine_options: batch_invariant needs llama.cpp's tiled matrix kernel off, which ggml "
             "decides once per process, and a decode has already run with it on: set "
@@ -190,6 +190,7 @@ class _DecodeThread:
         self._idle = threading.Condition(threading.Lock())
         self._running: _Call | None = None
         self._stopped = False
+        self.tiled_switch: str | None = None  # GGML_CPU_TILED_MM when the first decode was asked for
 
     def decode(self, ctx: Any, batch: Any, flag: Any, held: list[BaseException] | None = None) -> int:
         """Run ``llama_decode(ctx, batch)`` on the decode thread; its return code.
@@ -244,6 +245,7 @@ class _DecodeThread:
     def _start(self) -> None:
         with self._start_lock:
             if self._thread is None:
+                self.tiled_switch = os.environ.get(TILED_SWITCH)
                 self._thread = threading.Thread(
                     target=self._serve, name="core-inference llama.cpp decode", daemon=True
                 )
