@@ -5,8 +5,10 @@ its first decode), and the bench's other rows must keep it: so the side that mea
 talks to this worker over a pipe. The worker times each run itself, the call alone (the
 pipe and the JSON stay outside), so its figure compares with the in-process sides'.
 
-Protocol: one JSON object a line on stdin, ``{"op": "batch_generate" | "classify",
-"prompts": [...], "max_tokens": n}``; one line back, ``{"units": n, "seconds": s}``.
+Protocol: one JSON object a line on stdin, ``{"op": "batch_generate" | "classify" |
+"streams", "prompts": [...], "max_tokens": n}`` ("streams": each prompt streamed by
+``generate`` in a thread of its own, all at once); one line back, ``{"units": n, "seconds": s}``
+(tokens, or sentences for classify).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -24,10 +27,10 @@ from .harness import BenchError
 class InvariantWorker:
     """The parent's handle: start the worker, send it runs, stop it."""
 
-    def __init__(self, path: str, threads: int) -> None:
+    def __init__(self, path: str, threads: int, slots: int = 1) -> None:
         env = dict(os.environ, GGML_CPU_TILED_MM="0")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "core_inference.bench.invariant_worker", path, str(threads)],
+            [sys.executable, "-m", "core_inference.bench.invariant_worker", path, str(threads), str(slots)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         if self._read() != {"ready": True}:
@@ -60,11 +63,30 @@ class InvariantWorker:
             self.proc.wait()
 
 
-def _serve(path: str, threads: int, inp: TextIO, out: TextIO) -> None:
+def _streams(model: Any, prompts: list[str], max_tokens: int) -> int:
+    counts = [0] * len(prompts)
+    go = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        go.wait()
+        counts[i] = sum(1 for _ in model.generate(prompts[i], max_tokens=max_tokens))
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if not all(counts):
+        raise RuntimeError("a stream failed or gave no token")
+    return sum(counts)
+
+
+def _serve(path: str, threads: int, slots: int, inp: TextIO, out: TextIO) -> None:
     from .. import load_model
 
     options = {"batch_invariant": True}
-    with load_model(path, backend="llama_cpp", threads=threads, engine_options=options) as m:
+    with load_model(path, backend="llama_cpp", threads=threads, parallel_slots=slots,
+                    engine_options=options) as m:
         out.write(json.dumps({"ready": True}) + "\n")
         out.flush()
         for line in inp:
@@ -74,6 +96,8 @@ def _serve(path: str, threads: int, inp: TextIO, out: TextIO) -> None:
                 if req["op"] == "batch_generate":
                     results = m.batch_generate(req["prompts"], max_tokens=req["max_tokens"])
                     units = sum(len(r.tokens) for r in results)
+                elif req["op"] == "streams":
+                    units = _streams(m, req["prompts"], req["max_tokens"])
                 else:
                     units = len(m.classify(req["prompts"]))
                 reply: dict[str, Any] = {"units": units, "seconds": time.perf_counter() - began}
@@ -84,4 +108,4 @@ def _serve(path: str, threads: int, inp: TextIO, out: TextIO) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), sys.stdin, sys.stdout)
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.stdin, sys.stdout)

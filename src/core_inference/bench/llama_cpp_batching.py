@@ -84,16 +84,25 @@ def concurrency_row(path: str, cfg: BenchConfig, stack: ExitStack, streams: int)
         got = sum(1 for _ in model.generate(prompts[0], max_tokens=n))
         return got / (time.perf_counter() - start)
 
+    from .invariant_worker import InvariantWorker
+
+    invariant = InvariantWorker(path, cfg.threads, streams)
+    stack.callback(invariant.close)
+
     conc, ref = f"ours: {streams} concurrent generate streams", "ours: batch_generate, same prompts"
     return Row(
         key=f"concurrent_{streams}",
         title=f"{streams} concurrent streams x {n} tokens vs batch_generate",
         unit="tokens/s",
         sides=[Side(conc, together, True), Side(ref, batch, True),
-               Side("ours: one stream alone", alone, True)],
+               Side("ours: one stream alone", alone, True),
+               Side(f"ours: {streams} concurrent streams, batch_invariant=True",
+                    lambda: invariant.run("streams", prompts, n), True)],
         reference=ref,
         targets=[Target(conc, ">=", 0.9, ref)],
-        note="aggregate generated tokens/s, one model with parallel_slots equal to the streams",
+        note="aggregate generated tokens/s, one model with parallel_slots equal to the streams; "
+        "batch_invariant=True in a process of its own (it turns a kernel off for the whole process), "
+        "timed there",
         info={"streams": streams, "max_tokens": n},
     )
 
