@@ -210,6 +210,15 @@ def test_generate_takes_every_option(model_env: dict[str, str]) -> None:
     assert "." not in result.stdout and result.stdout.count("\n") <= 1
 
 
+def test_engine_options_reach_the_backend(model_env: dict[str, str]) -> None:
+    ok = run("generate", "-n", "4", "--engine-option", "batch_invariant=true",
+             "--engine-option", "prefill_chunk=64", QUESTION, env=model_env)
+    assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+    bad = run("generate", "-n", "4", "--engine-option", "batch_invariant=maybe", QUESTION, env=model_env)
+    assert bad.returncode != 0
+    assert_one_error_line(bad, "batch_invariant must be true or false", "'maybe'")
+
+
 def test_ctrl_c_stops_generate_with_status_130(model_env: dict[str, str]) -> None:
     proc = subprocess.Popen(
         [*CLI, "generate", "--max-tokens", "5000", "Once upon a time"],
@@ -462,6 +471,8 @@ def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, st
         (("generate", "--stop", "", QUESTION), "stop"),
         (("generate", "--stop", "\\x4", QUESTION), "\\x needs 2 hex digits"),
         (("generate", "--stop", "\\ud800", QUESTION), "lone surrogate"),
+        (("generate", "--engine-option", "batch_invariant", QUESTION), "expected KEY=VALUE"),
+        (("generate", "--engine-option", "=1", QUESTION), "expected KEY=VALUE"),
         (("bench", "--out", ""), "must not be empty"),
         (("no-such-command",), "No such command"),
     ],

@@ -197,6 +197,36 @@ def _stop_strings(ctx: Any, param: Any, value: tuple[str, ...]) -> tuple[str, ..
         raise click.BadParameter(str(exc), ctx, param) from exc
 
 
+def engine_options(ctx: Any, param: Any, value: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--engine-option KEY=VALUE`` flags as a backend's ``engine_options`` (VALUE read as
+    JSON where it is JSON: ``true``, ``512``, ``"x"``; else the text as given)."""
+    import json
+
+    import click
+
+    if not value:
+        return None
+    out: dict[str, Any] = {}
+    for item in value:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def engine_option(click: Any) -> Callable[[F], F]:
+    """The repeatable --engine-option flag (generate, chat, serve)."""
+    deco: Callable[[F], F] = click.option(
+        "--engine-option", "engine_options", multiple=True, metavar="KEY=VALUE", callback=engine_options,
+        help="A backend's own load option (repeatable), e.g. batch_invariant=true on llama_cpp.",
+    )
+    return deco
+
+
 def model_options(click: Any) -> Callable[[F], F]:
     """--model, --backend and the load options, shared by generate and chat."""
     options = [
@@ -208,6 +238,7 @@ def model_options(click: Any) -> Callable[[F], F]:
         click.option("--threads", type=int, help="CPU threads (0: all cores)."),
         click.option("--gpu-layers", type=int, help="Layers offloaded to the GPU (-1: all)."),
         click.option("--parallel-slots", type=int, help="Concurrent calls the model serves."),
+        engine_option(click),
     ]
     return _stack(options)
 
@@ -239,7 +270,7 @@ def _stack(decorators: Sequence[Callable[[F], F]]) -> Callable[[F], F]:
     return apply
 
 
-_LOAD_KEYS = ("backend", "context_len", "threads", "gpu_layers", "parallel_slots")
+_LOAD_KEYS = ("backend", "context_len", "threads", "gpu_layers", "parallel_slots", "engine_options")
 _RENAMED = {"stop_token": "stop_tokens"}
 
 

@@ -15,7 +15,7 @@ def click_command() -> Any:
     """The ``serve`` click command (click is imported by the caller's ``build_cli``)."""
     import click
 
-    from .app import _not_empty, _registered
+    from .app import _not_empty, _registered, engine_option
 
     @click.command("serve")
     @click.option("-m", "--model", metavar="PATH", callback=_not_empty,
@@ -43,6 +43,7 @@ def click_command() -> Any:
     @click.option("--threads", type=click.IntRange(0), help="CPU threads (0: all cores).")
     @click.option("--context-len", type=click.IntRange(0), help="Context length in tokens (0: the model's).")
     @click.option("--gpu-layers", type=click.IntRange(-1), help="Layers offloaded to the GPU (-1: all).")
+    @engine_option(click)
     @click.option("--log-level", default="warning", show_default=True,
                   type=click.Choice(["critical", "error", "warning", "info", "debug"]))
     def serve_cmd(**kw: Any) -> int:
@@ -61,6 +62,7 @@ def run_serve(
     api_key: str | None, model_name: str | None, max_tokens: int, max_body: int, body_timeout: float,
     threads: int | None,
     context_len: int | None, gpu_layers: int | None, log_level: str,
+    engine_options: dict[str, Any] | None = None,
 ) -> int:
     """Load the model, bind, serve until stopped; the exit status."""
     from .app import fail
@@ -76,7 +78,8 @@ def run_serve(
     from .run import open_model
 
     load: dict[str, Any] = {"backend": backend or "", "parallel_slots": parallel}
-    for key, value in (("threads", threads), ("context_len", context_len), ("gpu_layers", gpu_layers)):
+    for key, value in (("threads", threads), ("context_len", context_len), ("gpu_layers", gpu_layers),
+                       ("engine_options", engine_options)):
         if value is not None:
             load[key] = value
     sock = bind(host, port)  # before the model loads: a port in use fails at once
