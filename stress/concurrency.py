@@ -10,6 +10,11 @@ Usage::
 
     python stress/concurrency.py                 # 16 threads x 50 calls -> stress/results/concurrency.json
     python stress/concurrency.py --threads 8 --calls 5 --max-tokens 8
+    python stress/concurrency.py --invariant --out stress/results/concurrency-invariant.json
+
+By default the model shares nothing (``shared_decode=False, prefix_cache=False``);
+``--shared`` uses the engine's defaults, ``--invariant`` ``batch_invariant=True`` (everything
+shared, on kernels whose result for a row does not depend on its neighbours).
 
 The test suite imports ``run_concurrency`` from this file and runs a short version.
 """
@@ -149,10 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", action="store_true",
                     help="the engine's defaults (streams share decodes: answers may differ from alone)")
+    ap.add_argument("--invariant", action="store_true",
+                    help="batch_invariant=True: every kind of sharing on, answers still equal to alone")
     ap.add_argument("--model", default=None, help="GGUF path (default: the embedded default model)")
     ap.add_argument("--out", default=str(here / "results" / "concurrency.json"))
     args = ap.parse_args(argv)
-    options = {} if args.shared else {"shared_decode": False, "prefix_cache": False}
+    options: dict[str, bool] = {"shared_decode": False, "prefix_cache": False}
+    if args.shared or args.invariant:
+        options = {"batch_invariant": True} if args.invariant else {}
     with ci.load_model(args.model, parallel_slots=args.slots, threads=args.engine_threads,
                        engine_options=options) as model:
         result = run_concurrency(

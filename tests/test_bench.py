@@ -60,6 +60,32 @@ def test_measure_row_interleaves_and_summarises() -> None:
     assert result["error"] is None
 
 
+def test_a_row_that_runs_another_count_says_so_in_its_chart_title() -> None:
+    from typing import Any
+
+    from core_inference.bench.report import _panel
+
+    row = Row(key="k", title="slow row", unit="s", sides=[Side("A", lambda: 1.0, True)],
+              reference="A", runs=2)
+    result = measure_row(row, BenchConfig(runs=5, warmup=0))
+    assert result["runs"] == 2 and len(result["sides"][0]["values"]) == 2
+
+    class Axes:
+        title = ""
+
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: []
+
+        def set_title(self, text: str, **_: Any) -> None:
+            self.title = text
+
+    ax = Axes()
+    _panel(ax, result, 5)
+    assert "2 runs" in ax.title
+    _panel(ax, {**result, "runs": 5}, 5)
+    assert "runs" not in ax.title
+
+
 def test_a_failing_side_is_reported_not_raised() -> None:
     def boom() -> float:
         raise RuntimeError("engine fell over")

@@ -187,6 +187,7 @@ def measure_row(row: Row, cfg: BenchConfig, echo: Echo | None = None) -> dict[st
     except Exception as exc:  # a failing row is reported, and the other rows still run
         error = f"{type(exc).__name__}: {exc}"
     result = summarise(row, values, error)
+    result["runs"] = runs  # a row may override the config's count (slow rows run fewer)
     result["seconds"] = round(time.perf_counter() - started, 3)
     if echo is not None:
         echo(_one_line(result))

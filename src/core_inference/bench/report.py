@@ -101,7 +101,7 @@ def draw_chart(results: dict[str, Any], path: Path) -> str | None:
     extra = 0.18 * sum(n.count("\n") + 1 for n in notes)  # inches for the not-run lines at the bottom
     fig, axes = plt.subplots(nrows, cols, figsize=(13, 2.3 * nrows + 1 + extra), squeeze=False)
     for ax, row in zip(axes.flat, rows, strict=False):
-        _panel(ax, row)
+        _panel(ax, row, results["config"]["runs"])
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     m = results["machine"]
@@ -121,7 +121,7 @@ def draw_chart(results: dict[str, Any], path: Path) -> str | None:
     return None
 
 
-def _panel(ax: Any, row: dict[str, Any]) -> None:
+def _panel(ax: Any, row: dict[str, Any], runs: int) -> None:
     sides = [s for s in row["sides"] if "median" in s]
     names = [s["name"] for s in sides]
     medians = [s["median"] for s in sides]
@@ -136,7 +136,9 @@ def _panel(ax: Any, row: dict[str, Any]) -> None:
         if side["ours"]:
             label.set_fontweight("bold")
     better = "higher" if row["higher_is_better"] else "lower"
-    title = textwrap.fill(f"{row['title']} ({row['unit']}, {better} is better)", 62)
+    own = row.get("runs", runs)  # the title's count is the config's; a row that ran another says so
+    more = f", {own} runs" if own != runs else ""
+    title = textwrap.fill(f"{row['title']} ({row['unit']}, {better} is better{more})", 62)
     ax.set_title(title, fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     for yi, side in zip(y, sides, strict=False):
