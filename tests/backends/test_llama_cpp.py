@@ -393,6 +393,17 @@ def test_unshared_classify_and_batch_generate_give_each_prompt_its_answer_alone(
     )
 
 
+def test_batch_invariant_is_refused_where_layers_would_go_to_a_gpu(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its kernels are the CPU's: a build that offloads must be asked for gpu_layers=0."""
+    from core_inference.backends.llama_cpp import engine
+
+    monkeypatch.setattr(engine, "gpu_offload", lambda: True)
+    with pytest.raises(ValueError, match="gpu_layers=0"):
+        LlamaCppBackend().load_model(model_path, engine_options={"batch_invariant": True})
+
+
 def test_engine_options_must_be_bools(model_path: Path) -> None:
     for name in ("prefix_cache", "shared_decode", "batch_invariant"):
         with pytest.raises(ValueError, match=name):

@@ -86,6 +86,11 @@ def init_backend() -> None:
             _initialised = True
 
 
+def gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU."""
+    return bool(L.llama_supports_gpu_offload())
+
+
 TILED_SWITCH = "GGML_CPU_TILED_MM"  # ggml reads it once, at the process's first matrix product
 
 

@@ -96,6 +96,12 @@ class LlamaCppModel(BaseModel):
         self._steps = Steps(self._engine_lock, self._run_step, chunk)
         try:
             if self._invariant:
+                if cfg.gpu_layers != 0 and engine.gpu_offload():
+                    raise ValueError(
+                        "engine_options: batch_invariant holds on llama.cpp's CPU kernels, and this "
+                        "llama.cpp offloads layers to a GPU, whose kernels are picked by batch size too: "
+                        "load with gpu_layers=0 for it, or without batch_invariant"
+                    )
                 engine.batch_invariant_kernels()
             self._model = engine.Model(path, cfg.gpu_layers, repack=not self._invariant)
             train = self._model.n_ctx_train or DEFAULT_CONTEXT
