@@ -479,3 +479,35 @@ def test_serve_fails_cleanly_on_a_port_in_use_and_a_missing_model(tmp_path: Any)
     r = subprocess.run([sys.executable, "-m", "core_inference", "serve", "--port", "0", "--model",
                         str(tmp_path / "missing.gguf")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "missing.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_batch_invariant_server_answers_each_prompt_as_alone_whatever_else_it_serves() -> None:
+    """``--engine-option batch_invariant=true``: a request's greedy answer does not depend on
+    the requests generated beside it (here up to 4 at once, prompts of a few to ~300 tokens)."""
+    import threading
+
+    words = ["river", "valley", "green", "stone", "house", "light", "morning", "quiet", "market", "bread"]
+    prompts = ["The capital of France is", "Name three colours:",
+               " ".join(words[i % 10] for i in range(60)) + ". So",
+               " ".join(words[(i * 3) % 10] for i in range(300)) + ". Then"]
+    args = ["--parallel", "4", "--threads", "2", "--engine-option", "batch_invariant=true"]
+    with ServerProcess(args) as srv, openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0) as c:
+        model = c.models.list().data[0].id
+
+        def ask(p: str) -> str:
+            r = c.completions.create(model=model, prompt=p, max_tokens=12, temperature=0)
+            return str(r.choices[0].text)
+
+        alone = [ask(p) for p in prompts]
+        together: dict[int, str] = {}
+
+        def run(i: int) -> None:
+            together[i] = ask(prompts[i % len(prompts)])
+
+        for _ in range(2):
+            pool = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            assert [together[i] for i in range(8)] == alone * 2

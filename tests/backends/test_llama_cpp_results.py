@@ -186,7 +186,7 @@ def test_engine_exceptions_are_mapped_to_engine_error(model: LlamaCppModel,
 
 
 def test_unknown_engine_options_are_a_type_error(model_path: Path) -> None:
-    with pytest.raises(TypeError, match=r"prefil_chunk.*known: prefill_chunk"):
+    with pytest.raises(TypeError, match=r"prefil_chunk.*known: batch_invariant, prefill_chunk"):
         LlamaCppBackend().load_model(model_path, engine_options={"prefil_chunk": 64})
 
 
