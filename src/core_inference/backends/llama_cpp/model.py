@@ -107,7 +107,7 @@ class LlamaCppModel(BaseModel):
             train = self._model.n_ctx_train or DEFAULT_CONTEXT
             self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
             self._ctx = self._new_context(self.context_len * slots, slots, 512)
-            # tokens per prefill decode; batch-invariant pieces are never one row (see _pieces)
+            # tokens per prefill decode; batch-invariant pieces are never one row (see _piece_end)
             self._prefill_step = max(MIN_PIECE + 2 if self._invariant else 1, min(chunk, self._ctx.n_batch))
             self._template = self._find_template()
             bos = self._model.bos
