@@ -56,6 +56,10 @@ def answers(path: str) -> dict[str, Any]:
         second = chats[0] + [{"role": "assistant", "content": ref.detokenize(chat_alone[0])},
                              {"role": "user", "content": "And another?"}]
         second_alone = ids(ref.chat(second, max_tokens=8))
+        # an instruction all prompts share: decoded once and copied by classify/batch_generate
+        behind = [SYSTEM + q for q in ("Rivers", "Green stone houses", "Morning", "A quiet market", "X")]
+        behind_alone = [ids(ref.generate(p, max_tokens=8)) for p in behind]
+        behind_logits = [vec(ref.classify([p], return_logits=True)[0].logits) for p in behind]
     with ci.load_model(path, engine_options={"batch_invariant": True}, **opts) as m:
         batch = [ids(r.tokens) for r in m.batch_generate(ps, max_tokens=8)]
         cls = m.classify(ps, return_logits=True)
@@ -76,6 +80,11 @@ def answers(path: str) -> dict[str, Any]:
             chat_out.append(ids(m.chat(c, max_tokens=8)))
             chat_cached.append(m.metrics().cached_prompt_tokens)
         second_out = ids(m.chat(second, max_tokens=8))
+        second_cached = m.metrics().cached_prompt_tokens
+        behind_cls = m.classify(behind, return_logits=True)
+        behind_cached = m.metrics().cached_prompt_tokens
+        behind_equal = [vec(r.logits) == g for r, g in zip(behind_cls, behind_logits, strict=True)]
+        behind_batch = [ids(r.tokens) for r in m.batch_generate(behind, max_tokens=8)]
         return {
             "lengths": [len(m.tokenize(p)) for p in ps],
             "alone": alone,
@@ -89,7 +98,12 @@ def answers(path: str) -> dict[str, Any]:
             "chat_cached": chat_cached,
             "second_alone": second_alone,
             "second": second_out,
-            "second_cached": m.metrics().cached_prompt_tokens,
+            "second_cached": second_cached,
+            "behind_alone": behind_alone,
+            "behind_batch": behind_batch,
+            "behind_tokens": [r.token.id for r in behind_cls],
+            "behind_logits_equal": behind_equal,
+            "behind_cached": behind_cached,
         }
 
 

@@ -54,6 +54,11 @@ def test_prefixes_are_reused_and_answers_stay_the_prompt_alone(answers: dict[str
     # the next turn reuses the previous turn's prompt (not its answer, decoded a row at a time)
     assert answers["second"] == answers["second_alone"]
     assert answers["second_cached"] > 150, answers["second_cached"]
+    # classify and batch_generate behind one instruction: it is decoded once and copied
+    assert answers["behind_batch"] == answers["behind_alone"]
+    assert answers["behind_tokens"] == [a[0] for a in answers["behind_alone"]]
+    assert all(answers["behind_logits_equal"])
+    assert answers["behind_cached"] >= 4 * 100, answers["behind_cached"]  # the 4 copies
 
 
 def test_asked_for_after_a_decode_it_is_refused_naming_the_switch(model_path: Path) -> None:
