@@ -376,8 +376,7 @@ class LlamaCppModel(BaseModel):
         step: int = self._prefill_step
         if not self._invariant:
             return min(n, (pos // step + 1) * step)
-        end = min(n, pos + step)
-        return end - 1 if n - end == 1 else end
+        return _piece_end(pos, n, step)
 
     def _run_step(self, decodes: list[Job], chunks: list[Job]) -> None:
         """One step (under the engine lock): every stream's next token in one decode, then chunks.
@@ -733,8 +732,7 @@ class LlamaCppModel(BaseModel):
         decode at a time, under the engine lock); ``take`` gets the last position's index."""
         batch, pos, n = llama.batch, start, len(tokens)
         while pos < n:
-            end = min(n, pos + llama.n_batch)
-            end = end - 1 if n - end == 1 else end
+            end = _piece_end(pos, n, llama.n_batch)
             self._raise_if_ended(ctx, "during prefill")
             with self._engine_lock:
                 batch.clear()
@@ -850,18 +848,16 @@ class LlamaCppModel(BaseModel):
             self._pack_prefill(llama, prompts, ctx, me, rec, first)
             rec.prefill_duration = (rec.prefill_duration or 0.0) + clock() - began
             rec.prefill_done(rec.prompt_tokens + sum(map(len, prompts)))
-            live = {seq: (-1, len(prompts[seq])) for seq in range(len(keys))}
+            live = {seq: len(prompts[seq]) for seq in range(len(keys))}  # per sequence: its next position
             seq_end = min(llama.per_seq, self.context_len)  # as generate: no position past the context
             while live:
                 self._raise_if_ended(ctx, "during batch_generate")
                 with self._engine_lock:
                     began = clock()
-                    if not picks:
-                        picks = {seq: samplers[seq].sample(llama, idx) for seq, (idx, _) in live.items()}
                     llama.batch.clear()
-                    nxt = {}
+                    nxt, rows = {}, {}
                     for seq, tid in picks.items():
-                        key, pos = keys[seq], live[seq][1]
+                        key, pos = keys[seq], live[seq]
                         fin = finishers[key]
                         if self._model.is_eog(tid):
                             tokens[key] += fin.end()
@@ -872,12 +868,13 @@ class LlamaCppModel(BaseModel):
                         if pos + 1 >= seq_end:
                             tokens[key] += fin.end("context_full")
                             continue
-                        nxt[seq] = (llama.batch.add(tid, pos, seq, True), pos + 1)
+                        rows[seq], nxt[seq] = llama.batch.add(tid, pos, seq, True), pos + 1
                     if nxt:
                         self._decode_armed(llama, me, ctx)
+                    picks = {seq: samplers[seq].sample(llama, row) for seq, row in rows.items()}
                     for seq in set(live) - set(nxt):
                         llama.clear_seq(seq)
-                    live, picks = nxt, {}
+                    live = nxt
                     rec.decode_duration = (rec.decode_duration or 0.0) + clock() - began
         finally:
             for s in samplers:
@@ -957,6 +954,13 @@ def _reuse_start(common: int, n: int, chunk: int) -> int:
     if chunk_end - start < SAME_KERNEL_ROWS:
         start = max(chunk_start, (chunk_end - SAME_KERNEL_ROWS) // ROW_GROUP * ROW_GROUP)
     return start
+
+
+def _piece_end(pos: int, n: int, step: int) -> int:
+    """The end of a batch-invariant prefill piece from ``pos`` of ``n`` tokens: ``step`` rows,
+    less one where that would leave a single row for the last piece."""
+    end = min(n, pos + step)
+    return end - 1 if n - end == 1 else end
 
 
 def _flag(value: object, name: str) -> bool:
