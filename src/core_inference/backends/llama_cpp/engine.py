@@ -329,11 +329,14 @@ class Context:
     """A llama.cpp context (KV cache for ``n_seq`` sequences) with its batch."""
 
     def __init__(
-        self, model: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int, invariant: bool = False
+        self, model: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int, invariant: bool = False,
+        extra_rows: int = 0,
     ) -> None:
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
-        params.n_batch = n_batch
+        # ``n_batch`` rows a micro-batch; a decode may carry ``extra_rows`` more (the streams'
+        # tokens beside a step's prefill chunks), which llama.cpp cuts into micro-batches
+        params.n_batch = n_batch + extra_rows
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq
         params.n_threads = threads
@@ -356,7 +359,7 @@ class Context:
         self.memory = L.llama_get_memory(self.ptr)
         # sliding-window layers keep only the last n_swa positions (swa_full is off)
         self.n_swa = int(L.llama_model_n_swa(model))
-        self.batch = Batch(n_batch)
+        self.batch = Batch(n_batch + extra_rows)
         self.decode_calls = 0  # how many batches went through the model (for tests and stats)
         # b"\x01" in the first byte stops a running llama_decode at the next graph node
         self._abort_flag = ctypes.create_string_buffer(2)
@@ -382,6 +385,10 @@ class Context:
     def truncate_seq(self, seq: int, keep: int) -> None:
         """Drop the cache of ``seq`` from position ``keep`` on (everything when ``keep`` is 0)."""
         L.llama_memory_seq_rm(self.memory, seq, keep if keep > 0 else -1, -1)
+
+    def seq_length(self, seq: int) -> int:
+        """How many positions the cache of ``seq`` holds (its last position + 1; 0 when empty)."""
+        return int(L.llama_memory_seq_pos_max(self.memory, seq)) + 1
 
     def can_keep(self, seq: int, keep: int) -> bool:
         """Whether the cache of ``seq`` still holds what decoding on from position ``keep`` reads.
@@ -533,9 +540,9 @@ class Model:
         return int(L.llama_vocab_eos(self.vocab))
 
     def new_context(
-        self, n_ctx: int, n_seq: int, n_batch: int, threads: int, invariant: bool = False
+        self, n_ctx: int, n_seq: int, n_batch: int, threads: int, invariant: bool = False, extra_rows: int = 0
     ) -> Context:
-        return Context(self.ptr, n_ctx, n_seq, n_batch, threads, invariant)
+        return Context(self.ptr, n_ctx, n_seq, n_batch, threads, invariant, extra_rows)
 
     def free(self) -> None:
         if self.ptr:

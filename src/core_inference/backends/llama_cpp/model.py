@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from ...context import Context
@@ -73,7 +73,7 @@ class LlamaCppModel(BaseModel):
         self._engine_lock = FairLock()  # one llama.cpp call at a time on this model, in turn
         self._batch_lock = threading.Lock()  # one classify/batch_generate at a time on _batch_ctx
         self._abort_lock = threading.Lock()  # guards _armed: which call may abort the running decode
-        self._armed: object | None = None
+        self._armed: frozenset[object] = frozenset()  # the calls whose watchers may abort the running decode
         self._armed_ctx: Any = None  # the context whose decode the armed call runs
         self._model: Any = None
         self._ctx: Any = None
@@ -106,7 +106,9 @@ class LlamaCppModel(BaseModel):
             self._model = engine.Model(path, cfg.gpu_layers, repack=not self._invariant)
             train = self._model.n_ctx_train or DEFAULT_CONTEXT
             self.context_len = cfg.context_len or min(train, DEFAULT_CONTEXT)
-            self._ctx = self._new_context(self.context_len * slots, slots, 512)
+            # a step's decode carries the streams' tokens beside up to 512 rows of prefill chunks
+            self._ctx = self._model.new_context(self.context_len * slots, slots, 512, self.threads,
+                                                self._invariant, extra_rows=slots)
             # tokens per prefill decode; batch-invariant pieces are never one row (see _piece_end)
             self._prefill_step = max(MIN_PIECE + 2 if self._invariant else 1, min(chunk, self._ctx.n_batch))
             self._template = self._find_template()
@@ -198,46 +200,49 @@ class LlamaCppModel(BaseModel):
         fed: list[int] = []  # what the sequence's cache holds, kept for the next call if all goes well
         sampler = None
         clean = False  # the cache holds exactly ``fed``: the call ended between steps
+        # the stream leaves the step loop only once its sequence is free again, so that the
+        # next step, no longer waiting for it, may fill its gap (_fillers)
+        member = ExitStack()
         try:
             self._take_seq(tokens, took)
             seq, start, reset = took
             fed = tokens[:start]
             sampler = self._engine.Sampler(cfg, self._model.n_vocab)
             sampler.accept_all(tokens)
-            with steps.member(seq):
-                tid = self._prefill(tokens, start, seq, ctx, sampler, rec, bool(reset))
-                fed = list(tokens)
-                if self._prefix_cache:
-                    with self._seq_lock:
-                        self._live[seq] = tokens  # the prompt: not ``fed``, which grows as it decodes
-                rec.prefill_done(len(tokens))
-                rec.cached_prompt_tokens = start
-                pos = len(tokens)
-                room = min(llama.per_seq, self.context_len) - pos
-                limit = min(cfg.max_tokens, room)
-                decode = 0.0  # this call's own steps: the decodes that carried its tokens
-                rec.decode_duration = 0.0
-                for n in range(1, limit + 1):
-                    if model.is_eog(tid) or tid in stop:
-                        break
-                    try:
-                        yield tid, model.piece(tid)
-                    except GeneratorExit:  # the consumer stopped between tokens: the cache is whole
-                        clean = True
-                        raise
-                    if n == limit:
-                        if limit == room:
-                            rec.finish_reason = "context_full"
-                        break
-                    self._raise_if_ended(ctx, "during generation")
-                    job = steps.run(Job(seq, [tid], pos, True, sampler, ctx))
-                    if job.error is not None:
-                        raise job.error
-                    fed.append(tid)
-                    tid = job.token
-                    decode += job.seconds
-                    rec.decode_duration = decode
-                    pos += 1
+            member.enter_context(steps.member(seq))
+            tid = self._prefill(tokens, start, seq, ctx, sampler, rec, bool(reset))
+            fed = list(tokens)
+            if self._prefix_cache:
+                with self._seq_lock:
+                    self._live[seq] = tokens  # the prompt: not ``fed``, which grows as it decodes
+            rec.prefill_done(len(tokens))
+            rec.cached_prompt_tokens = start
+            pos = len(tokens)
+            room = min(llama.per_seq, self.context_len) - pos
+            limit = min(cfg.max_tokens, room)
+            decode = 0.0  # this call's own steps: the decodes that carried its tokens
+            rec.decode_duration = 0.0
+            for n in range(1, limit + 1):
+                if model.is_eog(tid) or tid in stop:
+                    break
+                try:
+                    yield tid, model.piece(tid)
+                except GeneratorExit:  # the consumer stopped between tokens: the cache is whole
+                    clean = True
+                    raise
+                if n == limit:
+                    if limit == room:
+                        rec.finish_reason = "context_full"
+                    break
+                self._raise_if_ended(ctx, "during generation")
+                job = steps.run(Job(seq, [tid], pos, True, sampler, ctx))
+                if job.error is not None:
+                    raise job.error
+                fed.append(tid)
+                tid = job.token
+                decode += job.seconds
+                rec.decode_duration = decode
+                pos += 1
             clean = True
         finally:
             if sampler is not None:
@@ -248,6 +253,7 @@ class LlamaCppModel(BaseModel):
                 # batch-invariant: only the prompt is kept for reuse. The answer's cells came
                 # from one-row decodes, whose attention takes another kernel than a prefill's
                 self._give_seq(took[0], fed[: len(tokens)] if self._invariant else fed, clean)
+            member.close()
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
 
     # -- slots and the prefix cache ----------------------------------------------------
@@ -379,61 +385,187 @@ class LlamaCppModel(BaseModel):
         return _piece_end(pos, n, step)
 
     def _run_step(self, decodes: list[Job], chunks: list[Job]) -> None:
-        """One step (under the engine lock): every stream's next token in one decode, then chunks.
+        """One step (under the engine lock): one ``llama_decode`` carrying every stream's next
+        token and the starting streams' prefill chunks; chunks that cannot ride in it get
+        decodes of their own after it.
+
+        With ``batch_invariant`` a chunk rides only where llama.cpp's micro-batches give each
+        of its pieces two rows or more (``_packable``), so its logits are its prompt's alone.
+        With ``shared_decode=False`` nothing is shared: each stream's token and each chunk
+        get a decode of their own.
 
         A job's own failure (its call ended during its chunk, a decode error) is its
         alone; the other jobs of the step go on. So is a Ctrl-C in the leader's thread:
         a decode of the leader's own streams stops at once, one that carries other
         threads' streams runs to its end, and the interrupt is raised after the step.
         """
-        llama, clock = self._ctx, time.perf_counter
+        llama = self._ctx
         if self._closed.is_set() or llama is None:
             raise ModelClosed("model closed during generation")
-        batch = llama.batch
         me = threading.get_ident()
         interrupts: list[BaseException] = []
         # in sequence order: llama.cpp splits a batch whose sequences come out of order into
         # more micro-batches (measured: 4 streams' step took 56 ms shuffled, 31 ms in order)
         decodes = sorted(decodes, key=lambda j: j.seq)
-        groups = [decodes] if self._shared_decode else [[j] for j in decodes]
-        for group in groups if decodes else ():
-            began = clock()
-            batch.clear()
-            for j in group:
-                batch.add(j.tokens[0], j.pos, j.seq, True)
+        if self._shared_decode:
+            ready = [j for j in chunks if self._start_chunk(llama, j)]
+            fillers = self._fillers(llama, decodes, ready)
+            packed = self._packable(llama, decodes, fillers, ready)
             try:
-                llama.decode(interrupts if any(j.thread != me for j in group) else None)
-                for i, j in enumerate(group):
-                    j.token = j.sampler.sample(llama, i)
-            except Exception as exc:
-                for j in group:
-                    j.error = exc
-            except BaseException as exc:
-                _interrupted(group, exc, me, interrupts)
-            took = clock() - began
-            for j in group:
-                j.seconds = took
+                done = bool(decodes or packed) and self._decode_step(llama, decodes, fillers, packed, me,
+                                                                     interrupts)
+            finally:
+                for seq, pos in fillers:  # the filler rows' cells go again
+                    llama.truncate_seq(seq, pos)
+            if done:
+                decodes = []
+                chunks = [j for j in ready if j not in packed]
+            else:  # the shared decode failed: every job is decoded again on its own below
+                chunks = ready
+        for group in [decodes] if decodes and self._shared_decode else [[j] for j in decodes]:
+            self._decode_rows(llama, group, [], me, interrupts)
         for j in chunks:
-            began = clock()
-            try:
-                self._raise_if_ended(j.ctx, "during prefill")
-                if j.reset:  # the sequence's first chunk: whatever it held before goes
-                    llama.truncate_seq(j.seq, j.pos)
-                batch.clear()
-                for i, t in enumerate(j.tokens):
-                    batch.add(t, j.pos + i, j.seq, j.sample and i == len(j.tokens) - 1)
-                self._decode_armed(llama, j.watched, j.ctx, interrupts if j.thread != me else None)
-                if j.sample:
-                    j.token = j.sampler.sample(llama, batch.n - 1)
-                if j.want_logits:
-                    j.logits = llama.logits(batch.n - 1, self._model.n_vocab)
-            except Exception as exc:
-                j.error = exc
-            except BaseException as exc:
-                _interrupted([j], exc, me, interrupts)
-            j.seconds = clock() - began
+            if j.error is None and self._start_chunk(llama, j):
+                self._decode_rows(llama, [], [j], me, interrupts)
         if interrupts:
             raise interrupts[0]
+
+    def _start_chunk(self, llama: Any, job: Job) -> bool:
+        """Ready ``job``'s chunk for a decode: False (and its error set) if its call ended; the
+        sequence's first chunk empties whatever the sequence held before."""
+        try:
+            self._raise_if_ended(job.ctx, "during prefill")
+        except Exception as exc:
+            job.error = exc
+            return False
+        if job.reset:
+            llama.truncate_seq(job.seq, job.pos)
+            job.reset = False
+        return True
+
+    def _fillers(self, llama: Any, decodes: list[Job], chunks: list[Job]) -> list[tuple[int, int]]:
+        """(sequence, position) of a filler row for each free sequence between the streams'.
+
+        llama.cpp's cache per sequence cuts a decode wherever sequence ids skip one (a stream
+        that ended, or waits): 15 streams around a gap took two micro-batches and 100 ms where
+        16 took one and 50 ms, as the halves fall below the 8 rows of the faster kernel. A row
+        for the free sequence in the gap (no output; its cell is dropped after the decode)
+        keeps them one micro-batch. Only free sequences get one (a taken one may have a copy
+        pending, which llama.cpp applies after it places the batch's rows), and only where
+        its cache is no longer than the longest stream's, so attention spans no more cells,
+        nor than a sliding window, whose cells a new row may take.
+        """
+        if len(decodes) < 2:
+            return []
+        free = set(self._free_seqs)  # a snapshot (the list is changed under _seq_lock, not taken here:
+        # _take_seq waits for the engine lock, held now, before it touches a sequence's cache)
+        busy = {j.seq for j in decodes} | {j.seq for j in chunks}
+        longest = max(j.pos for j in decodes) + 1
+        out = []
+        for seq in range(decodes[0].seq + 1, decodes[-1].seq):
+            if seq in busy or seq not in free:
+                continue
+            pos = llama.seq_length(seq)
+            if pos > longest or pos >= llama.per_seq:
+                continue
+            if llama.n_swa and not self._invariant and pos >= llama.n_swa:
+                continue  # its row could take a sliding-window cell its kept cache still needs
+            out.append((seq, pos))
+        return out
+
+    def _packable(
+        self, llama: Any, decodes: list[Job], fillers: list[tuple[int, int]], chunks: list[Job]
+    ) -> list[Job]:
+        """The chunks that ride in the step's decode beside ``decodes`` (FIFO, as the batch holds).
+
+        With ``batch_invariant``, llama.cpp's cut of the decode into micro-batches is worked
+        out first (``_micro_batches``): a chunk whose sequence would get a piece of one row
+        (beside the streams' single rows, or one row longer than a neighbour's chunk) is
+        left out, to be decoded alone.
+        """
+        single = [(j.seq, 1) for j in decodes] + [(seq, 1) for seq, _ in fillers]
+        rows, packed = len(single), list[Job]()
+        for j in chunks:
+            if rows + len(j.tokens) > llama.batch.capacity:
+                continue
+            trial = [*packed, j]
+            if self._invariant and not _whole_pieces(
+                single + [(c.seq, len(c.tokens)) for c in trial], {c.seq for c in trial}, llama.n_batch
+            ):
+                continue
+            packed, rows = trial, rows + len(j.tokens)
+        return packed
+
+    def _decode_step(
+        self, llama: Any, decodes: list[Job], fillers: list[tuple[int, int]], packed: list[Job], me: int,
+        interrupts: list[BaseException],
+    ) -> bool:
+        """The step's one decode; False if it failed as a whole (a watched call ended inside
+        it, or llama.cpp refused it): then nothing of it is kept, and the caller decodes each
+        job again on its own, so that a failure lands on the job it belongs to."""
+        try:
+            self._decode_rows(llama, decodes, packed, me, interrupts, whole=True, fillers=fillers)
+        except Exception:
+            for j in decodes + packed:
+                j.error = None
+                llama.truncate_seq(j.seq, j.pos)  # cells of the micro-batches that did run
+            return False
+        self._steps.stats.packed += len(packed)
+        self._steps.stats.filled += len(fillers)
+        return True
+
+    def _decode_rows(
+        self, llama: Any, decodes: list[Job], chunks: list[Job], me: int, interrupts: list[BaseException],
+        whole: bool = False, fillers: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        """One ``llama_decode`` of ``decodes`` (a token each), ``chunks`` and ``fillers`` (a row
+        each, no output), in sequence order, and each job's token (and logits) from its last
+        row. A failure is every job's, or raised when ``whole`` (for ``_decode_step`` to decode
+        them apart)."""
+        clock, batch = time.perf_counter, llama.batch
+        began = clock()
+        jobs = sorted(decodes + chunks, key=lambda j: j.seq)
+        rows = sorted([(j.seq, j) for j in jobs] + [(seq, pos) for seq, pos in fillers], key=lambda r: r[0])
+        batch.clear()
+        last = {}
+        filler = max(self._model.bos, 0)
+        for seq, j in rows:
+            if isinstance(j, int):
+                batch.add(filler, j, seq, False)
+                continue
+            for i, t in enumerate(j.tokens):
+                last[id(j)] = batch.add(t, j.pos + i, j.seq, j.sample and i == len(j.tokens) - 1)
+        held = interrupts if any(j.thread != me for j in jobs) else None
+        watched = [j.watched for j in chunks if j.watched is not None]
+        try:
+            self._decode_watched(llama, watched, held)
+        except Exception as exc:
+            if whole:
+                raise
+            for j in jobs:  # a watched call ended: its own error; the others', llama.cpp's
+                try:
+                    self._raise_if_ended(j.ctx, "during prefill")
+                    j.error = exc
+                except Exception as ended:
+                    j.error = ended
+        except BaseException as exc:
+            _interrupted(jobs, exc, me, interrupts)
+        else:
+            for j in jobs:
+                try:
+                    if j.sample:
+                        j.token = j.sampler.sample(llama, last[id(j)])
+                    if j.want_logits:
+                        j.logits = llama.logits(last[id(j)], self._model.n_vocab)
+                except Exception as exc:
+                    j.error = exc
+                except BaseException as exc:
+                    _interrupted([j], exc, me, interrupts)
+        took, rows = clock() - began, batch.n
+        for j in decodes:  # a stream's decode time is its steps' (as with one alone)
+            j.seconds = took
+        for j in chunks:  # a prefill is charged its share of the rows, not its neighbours' prompts
+            j.seconds = took * len(j.tokens) / rows
 
     def _raise_if_ended(self, ctx: Context, when: str) -> None:
         """``Cancelled``/``DeadlineExceeded`` if ``ctx`` ended, ``ModelClosed`` ("model closed <when>")."""
@@ -445,19 +577,24 @@ class LlamaCppModel(BaseModel):
         self, llama: Any, me: object | None, ctx: Context, held: list[BaseException] | None = None
     ) -> None:
         """``llama.decode()`` that the watcher of call ``me`` may abort (under the engine lock)."""
-        if me is None:
-            llama.decode(held)
-            return
-        with self._abort_lock:
-            self._armed, self._armed_ctx = me, llama
         try:
-            llama.decode(held)
+            self._decode_watched(llama, [] if me is None else [me], held)
         except self._engine.Aborted:
             self._raise_if_ended(ctx, "during prefill")
             raise  # not reached: only the watcher aborts, and only once the call has ended
+
+    def _decode_watched(self, llama: Any, watched: list[object], held: list[BaseException] | None) -> None:
+        """``llama.decode()`` that the watcher of any call in ``watched`` may abort."""
+        if not watched:
+            llama.decode(held)
+            return
+        with self._abort_lock:
+            self._armed, self._armed_ctx = frozenset(watched), llama
+        try:
+            llama.decode(held)
         finally:
             with self._abort_lock:
-                self._armed = self._armed_ctx = None
+                self._armed, self._armed_ctx = frozenset(), None
                 llama.clear_abort()
 
     @contextmanager
@@ -477,7 +614,7 @@ class LlamaCppModel(BaseModel):
             while not done.wait(WATCH_INTERVAL):
                 if ctx.done() or self._closed.is_set():
                     with self._abort_lock:
-                        if self._armed is me and self._armed_ctx is not None:
+                        if me in self._armed and self._armed_ctx is not None:
                             self._armed_ctx.abort()
 
         watcher = threading.Thread(target=watch, name="core-inference prefill watch", daemon=True)
@@ -961,6 +1098,37 @@ def _piece_end(pos: int, n: int, step: int) -> int:
     less one where that would leave a single row for the last piece."""
     end = min(n, pos + step)
     return end - 1 if n - end == 1 else end
+
+
+def _micro_batches(rows: list[tuple[int, int]], n_ubatch: int) -> list[dict[int, int]]:
+    """How llama.cpp cuts one decode into micro-batches with a cache per sequence: ``rows``
+    is (sequence, rows) per job in batch order; each micro-batch maps sequence -> rows.
+
+    The same steps as ``llama_batch_allocr::split_equal(n_ubatch, sequential=true)``: a
+    micro-batch takes, from the first job with rows left, the run of sequences that follow
+    it with consecutive ids (in batch order), and as many rows from each as the shortest
+    has left, within ``n_ubatch`` rows in all.
+    """
+    left = [n for _, n in rows]
+    out: list[dict[int, int]] = []
+    while any(left):
+        run: list[int] = []  # job indices
+        for i, (seq, _) in enumerate(rows):
+            if left[i] and (not run or seq == rows[run[-1]][0] + 1):
+                run.append(i)
+        k = max(1, min(min(left[i] for i in run), n_ubatch // len(run)))
+        for i in run:
+            left[i] -= k
+        out.append({rows[i][0]: k for i in run})
+    return out
+
+
+def _whole_pieces(rows: list[tuple[int, int]], chunk_seqs: set[int], n_ubatch: int) -> bool:
+    """Whether no sequence in ``chunk_seqs`` gets a micro-batch piece of fewer than two rows
+    when (sequence, rows) ``rows`` share one decode, laid out in sequence order as
+    ``_decode_rows`` lays them out."""
+    pieces = (k for mb in _micro_batches(sorted(rows), n_ubatch) for s, k in mb.items() if s in chunk_seqs)
+    return all(k >= MIN_PIECE for k in pieces)
 
 
 def _flag(value: object, name: str) -> bool:

@@ -5,12 +5,11 @@ if no step is running, runs one itself for every job posted so far (the leader);
 others sleep until their job is done. The decodes themselves all run on the process's
 one decode thread (``engine._DecodeThread``), whichever caller leads.
 
-A step is: one ``llama_decode`` carrying the next token of every stream that is
-generating, then prefill chunks of streams that are starting, up to a token budget,
-each chunk its own decode. Keeping a prompt's chunks as decodes of their own, cut at
-fixed positions, keeps a prompt's logits what they are when it runs alone (llama.cpp's
-per-sequence cache gives every sequence of a micro-batch the same token count, so a
-chunk packed beside others would be split where the others end).
+A step is one ``llama_decode`` carrying the next token of every stream that is
+generating and the prefill chunks of streams that are starting, up to a token budget
+(the model's ``_run_step``). A prompt's chunks are cut at fixed positions whatever the
+load; with ``batch_invariant`` a chunk rides in the step's decode only where llama.cpp's
+micro-batches leave its logits what they are alone, else it gets a decode of its own.
 """
 
 from __future__ import annotations
@@ -146,6 +145,8 @@ class StepStats:
     steps: int = 0
     widest: int = 0  # the most streams' tokens one step carried
     shared: int = 0  # steps that carried more than one stream's next token
+    packed: int = 0  # prefill chunks that rode in a step's one decode (beside streams or other chunks)
+    filled: int = 0  # filler rows that kept a step's streams one micro-batch across a free sequence
 
 
 class Steps:
