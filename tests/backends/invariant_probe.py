@@ -60,6 +60,12 @@ def answers(path: str) -> dict[str, Any]:
         behind = [SYSTEM + q for q in ("Rivers", "Green stone houses", "Morning", "A quiet market", "X")]
         behind_alone = [ids(ref.generate(p, max_tokens=8)) for p in behind]
         behind_logits = [vec(ref.classify([p], return_logits=True)[0].logits) for p in behind]
+        # streams of unequal lengths: the short ones leave gaps between the long ones' sequences
+        uneven = [text(30, 3), "Hi there", "The river", text(40, 7)]
+        uneven_lengths = [24, 2, 2, 24]
+        uneven_alone = [ids(ref.generate(p, max_tokens=n))
+                        for p, n in zip(uneven, uneven_lengths, strict=True)]
+    uneven_run = ragged(path, uneven, uneven_lengths, **opts)
     with ci.load_model(path, engine_options={"batch_invariant": True}, **opts) as m:
         batch = [ids(r.tokens) for r in m.batch_generate(ps, max_tokens=8)]
         cls = m.classify(ps, return_logits=True)
@@ -86,6 +92,9 @@ def answers(path: str) -> dict[str, Any]:
         behind_equal = [vec(r.logits) == g for r, g in zip(behind_cls, behind_logits, strict=True)]
         behind_batch = [ids(r.tokens) for r in m.batch_generate(behind, max_tokens=8)]
         return {
+            "packed": m._steps.stats.packed,  # type: ignore[attr-defined]
+            "uneven_alone": uneven_alone,
+            "uneven": uneven_run,
             "lengths": [len(m.tokenize(p)) for p in ps],
             "alone": alone,
             "batch_generate": batch,
@@ -105,6 +114,39 @@ def answers(path: str) -> dict[str, Any]:
             "behind_logits_equal": behind_equal,
             "behind_cached": behind_cached,
         }
+
+
+def ragged(path: str, prompts: list[str], lengths: list[int], **opts: Any) -> dict[str, Any]:
+    """Streams started one after another (so they take sequences 0, 1, 2, ... in turn), of the
+    given lengths: the short ones end and leave free sequences between the long ones, which
+    filler rows keep in one micro-batch. Then each short prompt again, from its kept cache."""
+    with ci.load_model(path, engine_options={"batch_invariant": True}, **opts) as m:
+        out: dict[int, list[int]] = {}
+        threads = []
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+            first = threading.Event()
+
+            def run(i: int = i, p: str = p, n: int = n, first: threading.Event = first) -> None:
+                got = []
+                for t in m.generate(p, max_tokens=n):
+                    got.append(t.id)
+                    first.set()
+                out[i] = got
+                first.set()
+
+            threads.append(threading.Thread(target=run))
+            threads[-1].start()
+            first.wait(120)
+        for t in threads:
+            t.join()
+        again, cached = [], []
+        for p, n in zip(prompts, lengths, strict=True):
+            if n < max(lengths):
+                again.append(ids(m.generate(p, max_tokens=n)))
+                cached.append(m.metrics().cached_prompt_tokens)
+        stats = m._steps.stats  # type: ignore[attr-defined]
+        return {"out": [out[i] for i in range(len(prompts))], "again": again, "cached": cached,
+                "filled": stats.filled}
 
 
 def late(path: str) -> dict[str, Any]:

@@ -328,16 +328,16 @@ def _eight_threads(model: LlamaCppModel, prompts: list[str], n: int) -> dict[int
 def test_parallel_slots_decode_streams_together(model: LlamaCppModel) -> None:
     """Concurrent streams share decodes (continuous batching); each gets its own answer."""
     prompts = [PROMPT, "One plus one is", "The sky is", "Hello, my name"]
-    alone = {p: list(model.generate(p, max_tokens=16)) for p in prompts}
-    shared_before = model._steps.stats.shared
+    stats = model._steps.stats
+    shared_before, packed_before = stats.shared, stats.packed
     out = _eight_threads(model, prompts, 16)
-    assert model._steps.stats.shared > shared_before, "no decode carried two streams"
-    assert model._steps.stats.widest >= 2
-    for i in range(8):
-        assert len(out[i]) == 16
-        # a shared decode may move later greedy picks (docs/reliability.md); the first token
-        # comes from the prompt's own prefill decode, which is never shared
-        assert out[i][0] == alone[prompts[i % 4]][0]
+    assert stats.shared > shared_before, "no decode carried two streams"
+    assert stats.widest >= 2
+    # a starting stream's prefill rode in the decode of the others' tokens (continuous batching)
+    assert stats.packed > packed_before
+    # a shared decode may move greedy picks (docs/reliability.md): batch_invariant keeps them
+    # the prompt's alone (test_llama_cpp_invariant.py); here each stream gets its own answer
+    assert all(len(out[i]) == 16 for i in range(8))
 
 
 def test_unshared_decode_gives_answers_equal_to_alone(model_path: Path) -> None:

@@ -7,6 +7,7 @@ bench (``llama_cpp_batching``) measures speed; these check what happens.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 import core_inference as ci
 from core_inference.backends.llama_cpp import LlamaCppBackend
-from core_inference.backends.llama_cpp.model import LlamaCppModel, _reuse_start
+from core_inference.backends.llama_cpp.model import LlamaCppModel, _micro_batches, _reuse_start, _whole_pieces
 
 from .conftest import ids
 
@@ -255,3 +256,103 @@ def test_a_one_token_prompt_into_a_slot_that_kept_another_prompt(model_path: Pat
         alone = ids(m.generate("", max_tokens=6))
         assert ids(m.generate("The capital of France is", max_tokens=6))
         assert ids(m.generate("", max_tokens=6)) == alone
+
+
+def test_micro_batches_follow_llama_cpps_cut_of_a_decode() -> None:
+    """``_micro_batches`` does what ``split_equal(sequential=true)`` does with a cache per
+    sequence: runs of consecutive sequence ids, as many rows from each as the shortest has."""
+    assert _micro_batches([(0, 1), (1, 1), (2, 1)], 512) == [{0: 1, 1: 1, 2: 1}]
+    assert _micro_batches([(0, 1), (1, 1), (3, 1)], 512) == [{0: 1, 1: 1}, {3: 1}]  # a gap cuts
+    assert _micro_batches([(0, 1), (1, 1), (2, 512)], 512) == [{0: 1, 1: 1, 2: 1}, {2: 511}]
+    assert _micro_batches([(4, 8), (5, 10)], 512) == [{4: 8, 5: 8}, {5: 2}]
+    assert _micro_batches([(0, 300), (1, 300)], 512) == [{0: 256, 1: 256}, {0: 44, 1: 44}]
+    # batch_invariant lets a chunk ride only where each of its pieces has two rows or more
+    assert not _whole_pieces([(0, 1), (1, 40)], {1}, 512)  # its first row beside a stream's
+    assert _whole_pieces([(0, 1), (2, 40)], {2}, 512)  # a micro-batch of its own
+    assert _whole_pieces([(4, 8), (5, 10)], {4, 5}, 512)
+    assert not _whole_pieces([(4, 8), (5, 9)], {4, 5}, 512)  # one row left over
+
+
+def _one_after_another(m: LlamaCppModel, prompts: list[str], lengths: list[int]) -> list[list[int]]:
+    """Streams started in turn (each once the last has its first token, so they take sequences
+    0, 1, 2, ... of a fresh model), running together; each stream's tokens."""
+    out: dict[int, list[int]] = {}
+    threads = []
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        first = threading.Event()
+
+        def run(i: int = i, p: str = p, n: int = n, first: threading.Event = first) -> None:
+            got: list[int] = []
+            for t in m.generate(p, max_tokens=n):
+                got.append(t.id)
+                first.set()
+            out[i] = got
+            first.set()
+
+        threads.append(threading.Thread(target=run))
+        threads[-1].start()
+        first.wait(120)
+    for t in threads:
+        t.join()
+    return [out[i] for i in range(len(prompts))]
+
+
+def test_a_free_sequence_between_streams_gets_a_filler_row_and_keeps_its_cache(model_path: Path) -> None:
+    """Short streams end between long ones: the long ones' decodes stay one micro-batch (a filler
+    row in each gap), and what the short ones' sequences kept is read again unharmed."""
+    # the short ones' prompts long enough to be read again from the cache (_reuse_start), the
+    # long ones' longer (a filler row only goes where the cache is no longer than a stream's)
+    prompts = [SYSTEM + QUESTIONS[0], " ".join(QUESTIONS * 6), " ".join(reversed(QUESTIONS * 6)),
+               SYSTEM + QUESTIONS[1]]
+    lengths = [24, 2, 2, 24]
+    with LlamaCppBackend().load_model(model_path, parallel_slots=4, context_len=1024) as m:
+        out = _one_after_another(m, prompts, lengths)
+        assert [len(o) for o in out] == lengths
+        assert m._steps.stats.filled > 0
+        for i in (1, 2):
+            again = ids(m.generate(prompts[i], max_tokens=2))
+            assert m.metrics().cached_prompt_tokens > 0
+            assert again == out[i]
+
+
+def test_a_call_ending_inside_a_shared_decode_leaves_the_others_their_tokens(model_path: Path) -> None:
+    """A long prompt's chunk and a short one's share a step's decode; the long one's call is
+    cancelled inside it. That call gets ``Cancelled``; the step is decoded again without it, so
+    the short prompt gets the token it gets alone, and its cache holds exactly its prompt."""
+    from core_inference.backends.llama_cpp.steps import Job
+
+    long = " ".join(f"Paragraph {i} says that the river is long and the valley is green." for i in range(40))
+    short = "The capital of France is"
+    cfg = ci.GenerateConfig(max_tokens=1)
+    with LlamaCppBackend().load_model(model_path, parallel_slots=4, context_len=2048) as m:
+        alone = ids(m.generate(short, max_tokens=1))
+        llama, engine = m._ctx, m._engine
+        long_ids, short_ids = m._tokenize(long)[:512], m._tokenize(short)
+        cancel, keep = ci.Context.background().with_cancel(), ci.Context.background()
+        samplers = [engine.Sampler(cfg, m._model.n_vocab) for _ in range(2)]
+        try:
+            with m._watch(cancel, True) as me:
+                jobs = [Job(0, long_ids, 0, False, samplers[0], cancel, me, reset=True),
+                        Job(1, short_ids, 0, True, samplers[1], keep, None, reset=True)]
+
+                def cancel_inside() -> None:
+                    while me not in m._armed:
+                        time.sleep(0.001)
+                    cancel.cancel()
+
+                watcher = threading.Thread(target=cancel_inside)
+                watcher.start()
+                with m._engine_lock:
+                    m._run_step([], jobs)
+                watcher.join()
+            assert isinstance(jobs[0].error, ci.Cancelled)
+            assert jobs[1].error is None and jobs[1].token == alone[0]
+            assert m._steps.stats.redone == 1  # they shared one decode, then went apart
+            with m._engine_lock:
+                assert llama.seq_length(1) == len(short_ids) and llama.seq_length(0) == 0
+        finally:
+            for s in samplers:
+                s.free()
+            with m._engine_lock:
+                llama.clear_seq(0)
+                llama.clear_seq(1)

@@ -61,6 +61,21 @@ def test_prefixes_are_reused_and_answers_stay_the_prompt_alone(answers: dict[str
     assert answers["behind_cached"] >= 4 * 100, answers["behind_cached"]  # the 4 copies
 
 
+def test_chunks_ride_in_the_streams_decode_and_gaps_are_filled_without_changing_answers(
+    answers: dict[str, Any],
+) -> None:
+    # the concurrent section's starting streams: their prefill chunks shared a decode
+    assert answers["packed"] > 0
+    # short streams ended between two long ones: filler rows kept the long ones' decodes one
+    # micro-batch, and every answer is still the prompt's alone
+    uneven = answers["uneven"]
+    assert uneven["filled"] > 0
+    assert uneven["out"] == answers["uneven_alone"]
+    # the short ones' sequences kept their prompts through the filler rows: read again, same answer
+    assert uneven["again"] == answers["uneven_alone"][1:3]
+    assert min(uneven["cached"]) > 0, uneven["cached"]
+
+
 def test_asked_for_after_a_decode_it_is_refused_naming_the_switch(model_path: Path) -> None:
     error = _probe(model_path, "late")["error"]
     assert error is not None and "GGML_CPU_TILED_MM=0" in error and "batch_invariant" in error

@@ -44,13 +44,18 @@ class InvariantWorker:
 
     def run(self, op: str, prompts: list[str], max_tokens: int = 0) -> float:
         """One run of ``op`` over ``prompts``: its units per second, timed in the worker."""
+        units, seconds = self.timed(op, prompts, max_tokens)
+        return units / seconds
+
+    def timed(self, op: str, prompts: list[str], max_tokens: int = 0) -> tuple[int, float]:
+        """One run of ``op`` over ``prompts``: (units, seconds), timed in the worker."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"op": op, "prompts": prompts, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         got = self._read()
         if "error" in got:
             raise BenchError(f"batch_invariant worker: {got['error']}")
-        return float(got["units"]) / float(got["seconds"])
+        return int(got["units"]), float(got["seconds"])
 
     def close(self) -> None:
         if self.proc.stdin is not None:

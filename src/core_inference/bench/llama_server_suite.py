@@ -8,7 +8,11 @@ asking for 48 greedy tokens of its own prompt, on the same model with the same t
 - ``llama-server -np 16`` over its ``/v1/completions`` streaming API (the reference),
 - ours through the Python API: N threads each running ``generate`` on one model loaded
   with ``parallel_slots=16``,
-- ours through ``core-inference serve --parallel 16`` over the same HTTP API.
+- ours through ``core-inference serve --parallel 16`` over the same HTTP API,
+- both of ours again with ``batch_invariant=True`` (answers independent of the load:
+  docs/reliability.md), the Python side in a worker process of its own since the option
+  switches a kernel off for the whole process. These two carry no target: they show what
+  that option costs against the anchor.
 
 A side's value is the aggregate tokens/s: every stream's tokens over the wall time from
 the first request to the last token. Both servers run as child processes on 127.0.0.1;
@@ -30,6 +34,7 @@ from functools import partial
 from typing import Any
 
 from .harness import BenchConfig, BenchError, Row, Side, Suite, Target
+from .invariant_worker import InvariantWorker
 from .llama_cpp_suite import BATCH_PROMPTS
 from .llama_server import LlamaServer, find_binary
 from .llama_server import why_unavailable as _binary_missing
@@ -43,6 +48,8 @@ QUICK_TOKENS = 4
 ANCHOR = f"llama-server -np {SLOTS}"
 API = f"ours: Python API, {{n}} x generate, parallel_slots={SLOTS}"
 SERVE = f"ours: serve --parallel {SLOTS}"
+INVARIANT_API = f"ours: Python API, parallel_slots={SLOTS}, batch_invariant=True"
+INVARIANT_SERVE = f"ours: serve --parallel {SLOTS} --engine-option batch_invariant=true"
 
 
 def prompts(n: int) -> list[str]:
@@ -125,7 +132,8 @@ def _side(record: list[dict[str, Any]], run: Callable[[], tuple[int, float]]) ->
 
 
 def _row(n: int, tokens: int, sides: list[Side], info: dict[str, Any], skipped: str | None = None) -> Row:
-    """The row for ``n`` concurrent streams (``sides``: anchor, Python API, serve)."""
+    """The row for ``n`` concurrent streams (``sides``: anchor, Python API, serve, and both
+    of ours with ``batch_invariant=True``)."""
     api = API.format(n=n)
     return Row(
         key=f"llama_server_{n}_streams",
@@ -162,7 +170,8 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
     if missing:  # the rows say why, and nothing is loaded or started
         for n in streams_list:
             sides = [Side(ANCHOR, _not_run, False), Side(API.format(n=n), _not_run, True),
-                     Side(SERVE, _not_run, True)]
+                     Side(SERVE, _not_run, True), Side(INVARIANT_API, _not_run, True),
+                     Side(INVARIANT_SERVE, _not_run, True)]
             yield _row(n, tokens, sides, {"threads": cfg.threads}, skipped=missing)
         return
     path = cfg.model or str(default_model_path(progress=False))
@@ -174,6 +183,11 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
         serve = stack.enter_context(ServerProcess(
             ["--model", path, "--parallel", str(SLOTS), "--threads", str(cfg.threads)], timeout=300))
         served_as = httpx2.get(serve.url + "/models").json()["data"][0]["id"]
+        invariant = InvariantWorker(path, cfg.threads, SLOTS)
+        stack.callback(invariant.close)
+        invariant_serve = stack.enter_context(ServerProcess(
+            ["--model", path, "--parallel", str(SLOTS), "--threads", str(cfg.threads),
+             "--engine-option", "batch_invariant=true"], timeout=300))
         for n in streams_list:
             texts = prompts(n)
             common = {"max_tokens": tokens, "temperature": 0, "stream": True,
@@ -182,11 +196,16 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             anchor_bodies = [{"prompt": p, "cache_prompt": False, **common} for p in texts]
             serve_bodies = [{"model": served_as, "prompt": p, **common} for p in texts]
             api = API.format(n=n)
-            runs: dict[str, list[dict[str, Any]]] = {ANCHOR: [], api: [], SERVE: []}
+            runs: dict[str, list[dict[str, Any]]] = {
+                ANCHOR: [], api: [], SERVE: [], INVARIANT_API: [], INVARIANT_SERVE: []}
             sides = [
                 Side(ANCHOR, _side(runs[ANCHOR], partial(http_streams, anchor.url, anchor_bodies)), False),
                 Side(api, _side(runs[api], partial(api_streams, model, texts, tokens)), True),
                 Side(SERVE, _side(runs[SERVE], partial(http_streams, serve.url, serve_bodies)), True),
+                Side(INVARIANT_API, _side(runs[INVARIANT_API],
+                                          partial(invariant.timed, "streams", texts, tokens)), True),
+                Side(INVARIANT_SERVE, _side(runs[INVARIANT_SERVE],
+                                            partial(http_streams, invariant_serve.url, serve_bodies)), True),
             ]
             yield _row(n, tokens, sides, {
                 "model": os.path.basename(path), "threads": cfg.threads, "ctx_per_slot": ctx_per_slot,

@@ -509,8 +509,10 @@ class LlamaCppModel(BaseModel):
             for j in decodes + packed:
                 j.error = None
                 llama.truncate_seq(j.seq, j.pos)  # cells of the micro-batches that did run
+            self._steps.stats.redone += 1
             return False
-        self._steps.stats.packed += len(packed)
+        if len(decodes) + len(packed) > 1:
+            self._steps.stats.packed += len(packed)
         self._steps.stats.filled += len(fillers)
         return True
 

@@ -147,6 +147,7 @@ class StepStats:
     shared: int = 0  # steps that carried more than one stream's next token
     packed: int = 0  # prefill chunks that rode in a step's one decode (beside streams or other chunks)
     filled: int = 0  # filler rows that kept a step's streams one micro-batch across a free sequence
+    redone: int = 0  # steps whose one decode failed as a whole and was decoded again job by job
 
 
 class Steps:
