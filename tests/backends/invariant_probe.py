@@ -92,7 +92,7 @@ def answers(path: str) -> dict[str, Any]:
         behind_equal = [vec(r.logits) == g for r, g in zip(behind_cls, behind_logits, strict=True)]
         behind_batch = [ids(r.tokens) for r in m.batch_generate(behind, max_tokens=8)]
         return {
-            "packed": m._steps.stats.packed,  # type: ignore[attr-defined]
+            "packed": m._steps.stats.packed,
             "uneven_alone": uneven_alone,
             "uneven": uneven_run,
             "lengths": [len(m.tokenize(p)) for p in ps],
@@ -144,7 +144,7 @@ def ragged(path: str, prompts: list[str], lengths: list[int], **opts: Any) -> di
             if n < max(lengths):
                 again.append(ids(m.generate(p, max_tokens=n)))
                 cached.append(m.metrics().cached_prompt_tokens)
-        stats = m._steps.stats  # type: ignore[attr-defined]
+        stats = m._steps.stats
         return {"out": [out[i] for i in range(len(prompts))], "again": again, "cached": cached,
                 "filled": stats.filled}
 
