@@ -14,6 +14,10 @@ asking for 48 greedy tokens of its own prompt, on the same model with the same t
   switches a kernel off for the whole process. These two carry no target: they show what
   that option costs against the anchor.
 
+One more row has 16 streams of unequal lengths (every 4th asks for 4 tokens, the others for
+64), as a server's answers are: the short ones end and leave free sequences between the long
+ones' for the rest of the run.
+
 A side's value is the aggregate tokens/s: every stream's tokens over the wall time from
 the first request to the last token. Both servers run as child processes on 127.0.0.1;
 the HTTP clients (asyncio + httpx2) run in this process. Without the binary the rows
@@ -43,6 +47,8 @@ SLOTS = 16
 STREAMS = (1, 4, 16)
 ANSWER_TOKENS = 48
 TARGET_STREAMS = (4, 16)  # where ours must reach llama-server's aggregate
+UNEVEN_SHORT = 4  # the uneven row: every 4th stream asks for this many tokens, the others for 64
+UNEVEN_LONG = 64
 QUICK_STREAMS = (1, 4)
 QUICK_TOKENS = 4
 ANCHOR = f"llama-server -np {SLOTS}"
@@ -91,16 +97,18 @@ def http_streams(url: str, bodies: list[dict[str, Any]]) -> tuple[int, float]:
     return asyncio.run(go())
 
 
-def api_streams(model: Any, texts: list[str], max_tokens: int) -> tuple[int, float]:
-    """Every prompt streamed by its own thread through ``generate`` at once: (tokens, seconds)."""
+def api_streams(model: Any, texts: list[str], max_tokens: int | list[int]) -> tuple[int, float]:
+    """Every prompt streamed by its own thread through ``generate`` at once: (tokens, seconds).
+    ``max_tokens``: for all, or per prompt."""
     counts = [0] * len(texts)
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(texts)
     errors: list[BaseException] = []
     go = threading.Barrier(len(texts) + 1)
 
     def run(i: int) -> None:
         try:
             go.wait()
-            for _ in model.generate(texts[i], max_tokens=max_tokens):
+            for _ in model.generate(texts[i], max_tokens=limits[i]):
                 counts[i] += 1
         except BaseException as exc:  # reported below, in the caller
             errors.append(exc)
@@ -210,6 +218,47 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
             yield _row(n, tokens, sides, {
                 "model": os.path.basename(path), "threads": cfg.threads, "ctx_per_slot": ctx_per_slot,
                 "llama_server": str(find_binary()), "runs": runs})
+        if not cfg.quick:
+            yield _uneven_row(path, cfg, model, anchor.url, serve.url, served_as)
+
+
+def uneven_lengths(n: int) -> list[int]:
+    """Stream i's max_tokens in the uneven row: every 4th one short, so it ends early and
+    leaves its sequence free between the others' for the rest of the run."""
+    return [UNEVEN_SHORT if i % 4 == 1 else UNEVEN_LONG for i in range(n)]
+
+
+def _uneven_row(path: str, cfg: BenchConfig, model: Any, anchor_url: str, serve_url: str,
+                served_as: str) -> Row:
+    """16 streams of unequal lengths: the short ones end and leave gaps between the sequences
+    of the long ones, which llama.cpp's cache per sequence cuts a decode at (unless filled)."""
+    n, texts, lengths = SLOTS, prompts(SLOTS), uneven_lengths(SLOTS)
+    common = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    anchor_bodies = [{"prompt": p, "max_tokens": k, "cache_prompt": False, **common}
+                     for p, k in zip(texts, lengths, strict=True)]
+    serve_bodies = [{"model": served_as, "prompt": p, "max_tokens": k, **common}
+                    for p, k in zip(texts, lengths, strict=True)]
+    api = API.format(n=n)
+    runs: dict[str, list[dict[str, Any]]] = {ANCHOR: [], api: [], SERVE: []}
+    return Row(
+        key="llama_server_uneven_16_streams",
+        title=f"{n} concurrent streams, every 4th of {UNEVEN_SHORT} tokens and the rest of "
+              f"{UNEVEN_LONG}, vs llama-server -np {SLOTS}",
+        unit="tokens/s",
+        sides=[
+            Side(ANCHOR, _side(runs[ANCHOR], partial(http_streams, anchor_url, anchor_bodies)), False),
+            Side(api, _side(runs[api], partial(api_streams, model, texts, lengths)), True),
+            Side(SERVE, _side(runs[SERVE], partial(http_streams, serve_url, serve_bodies)), True),
+        ],
+        reference=ANCHOR,
+        targets=[Target(api, ">=", 1.0, ANCHOR), Target(SERVE, ">=", 1.0, ANCHOR)],
+        note="aggregate tokens/s; the short streams end after a few steps and leave free "
+             "sequences between the long ones' for the rest of the run (a server's usual load: "
+             "answers of different lengths). Ours fills each gap with a row so the streams stay "
+             "one micro-batch",
+        info={"streams": n, "max_tokens": lengths, "slots": SLOTS, "prompts": texts,
+              "model": os.path.basename(path), "threads": cfg.threads, "runs": runs},
+    )
 
 
 def _why_unavailable() -> str | None:
