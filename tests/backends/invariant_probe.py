@@ -116,37 +116,43 @@ def answers(path: str) -> dict[str, Any]:
         }
 
 
+def one_after_another(m: Any, prompts: list[str], lengths: list[int]) -> list[list[int]]:
+    """Streams started in turn (each once the last has its first token, so they take sequences
+    0, 1, 2, ... of a fresh model), running together; each stream's token ids."""
+    out: dict[int, list[int]] = {}
+    threads = []
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        first = threading.Event()
+
+        def run(i: int = i, p: str = p, n: int = n, first: threading.Event = first) -> None:
+            got: list[int] = []
+            for t in m.generate(p, max_tokens=n):
+                got.append(t.id)
+                first.set()
+            out[i] = got
+            first.set()
+
+        threads.append(threading.Thread(target=run))
+        threads[-1].start()
+        first.wait(120)
+    for t in threads:
+        t.join()
+    return [out[i] for i in range(len(prompts))]
+
+
 def ragged(path: str, prompts: list[str], lengths: list[int], **opts: Any) -> dict[str, Any]:
     """Streams started one after another (so they take sequences 0, 1, 2, ... in turn), of the
     given lengths: the short ones end and leave free sequences between the long ones, which
     filler rows keep in one micro-batch. Then each short prompt again, from its kept cache."""
     with ci.load_model(path, engine_options={"batch_invariant": True}, **opts) as m:
-        out: dict[int, list[int]] = {}
-        threads = []
-        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
-            first = threading.Event()
-
-            def run(i: int = i, p: str = p, n: int = n, first: threading.Event = first) -> None:
-                got = []
-                for t in m.generate(p, max_tokens=n):
-                    got.append(t.id)
-                    first.set()
-                out[i] = got
-                first.set()
-
-            threads.append(threading.Thread(target=run))
-            threads[-1].start()
-            first.wait(120)
-        for t in threads:
-            t.join()
+        out = one_after_another(m, prompts, lengths)
         again, cached = [], []
         for p, n in zip(prompts, lengths, strict=True):
             if n < max(lengths):
                 again.append(ids(m.generate(p, max_tokens=n)))
                 cached.append(m.metrics().cached_prompt_tokens)
         stats = m._steps.stats
-        return {"out": [out[i] for i in range(len(prompts))], "again": again, "cached": cached,
-                "filled": stats.filled}
+        return {"out": out, "again": again, "cached": cached, "filled": stats.filled}
 
 
 def late(path: str) -> dict[str, Any]:

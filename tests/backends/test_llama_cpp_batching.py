@@ -19,6 +19,7 @@ from core_inference.backends.llama_cpp import LlamaCppBackend
 from core_inference.backends.llama_cpp.model import LlamaCppModel, _micro_batches, _reuse_start, _whole_pieces
 
 from .conftest import ids
+from .invariant_probe import one_after_another
 
 SYSTEM = (
     "You are a careful assistant for a small public library. You answer questions about "
@@ -273,30 +274,6 @@ def test_micro_batches_follow_llama_cpps_cut_of_a_decode() -> None:
     assert not _whole_pieces([(4, 8), (5, 9)], {4, 5}, 512)  # one row left over
 
 
-def _one_after_another(m: LlamaCppModel, prompts: list[str], lengths: list[int]) -> list[list[int]]:
-    """Streams started in turn (each once the last has its first token, so they take sequences
-    0, 1, 2, ... of a fresh model), running together; each stream's tokens."""
-    out: dict[int, list[int]] = {}
-    threads = []
-    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
-        first = threading.Event()
-
-        def run(i: int = i, p: str = p, n: int = n, first: threading.Event = first) -> None:
-            got: list[int] = []
-            for t in m.generate(p, max_tokens=n):
-                got.append(t.id)
-                first.set()
-            out[i] = got
-            first.set()
-
-        threads.append(threading.Thread(target=run))
-        threads[-1].start()
-        first.wait(120)
-    for t in threads:
-        t.join()
-    return [out[i] for i in range(len(prompts))]
-
-
 def test_a_free_sequence_between_streams_gets_a_filler_row_and_keeps_its_cache(model_path: Path) -> None:
     """Short streams end between long ones: the long ones' decodes stay one micro-batch (a filler
     row in each gap), and what the short ones' sequences kept is read again unharmed."""
@@ -306,7 +283,7 @@ def test_a_free_sequence_between_streams_gets_a_filler_row_and_keeps_its_cache(m
                SYSTEM + QUESTIONS[1]]
     lengths = [24, 2, 2, 24]
     with LlamaCppBackend().load_model(model_path, parallel_slots=4, context_len=1024) as m:
-        out = _one_after_another(m, prompts, lengths)
+        out = one_after_another(m, prompts, lengths)
         assert [len(o) for o in out] == lengths
         assert m._steps.stats.filled > 0
         for i in (1, 2):
