@@ -245,15 +245,17 @@ class LlamaCppModel(BaseModel):
                 pos += 1
             clean = True
         finally:
-            if sampler is not None:
-                sampler.free()
-            # A stream that ended in an error or a cancel inside a decode may have left cells
-            # the bookkeeping does not know of: such a sequence is not kept.
-            if took[0] >= 0:
-                # batch-invariant: only the prompt is kept for reuse. The answer's cells came
-                # from one-row decodes, whose attention takes another kernel than a prefill's
-                self._give_seq(took[0], fed[: len(tokens)] if self._invariant else fed, clean)
-            member.close()
+            try:
+                if sampler is not None:
+                    sampler.free()
+                # A stream that ended in an error or a cancel inside a decode may have left cells
+                # the bookkeeping does not know of: such a sequence is not kept.
+                if took[0] >= 0:
+                    # batch-invariant: only the prompt is kept for reuse. The answer's cells came
+                    # from one-row decodes, whose attention takes another kernel than a prefill's
+                    self._give_seq(took[0], fed[: len(tokens)] if self._invariant else fed, clean)
+            finally:  # a Ctrl-C landing above must not leave the stream a member for good
+                member.close()
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
 
     # -- slots and the prefix cache ----------------------------------------------------
@@ -634,10 +636,19 @@ class LlamaCppModel(BaseModel):
         """Batches run through llama.cpp so far (each ``llama_decode`` call counts once)."""
         return sum(c.decode_calls for c in (self._ctx, self._batch_ctx) if c is not None)
 
-    def _batch_context(self, n_seq: int, per_seq: int) -> Any:
-        """A context for packed batches, grown (recreated) when a call needs more room."""
+    def _batch_context(self, n_seq: int, per_seq: int, used: int) -> Any:
+        """A context for packed batches, grown (recreated) when a call needs more room, with
+        its first ``used`` sequences empty.
+
+        A call empties its sequences when it ends, but a Ctrl-C landing in that cleanup
+        (while it waits for the engine lock) skips it: found when the next classify's decode
+        failed on a sequence still holding the interrupted call's cells. So they are
+        emptied here too, before use.
+        """
         have = self._batch_ctx
         if have is not None and have.n_seq >= n_seq and have.per_seq >= per_seq:
+            for seq in range(used):
+                have.clear_seq(seq)
             return have
         if have is not None:
             have.free()
@@ -739,7 +750,7 @@ class LlamaCppModel(BaseModel):
         ctx.raise_if_done()
         per_seq = _round_up(max(map(len, group)) + 1, 64)
         with self._engine_lock:
-            llama = self._batch_context(CLASSIFY_SEQS, per_seq)
+            llama = self._batch_context(CLASSIFY_SEQS, per_seq, len(group))
         out: dict[int, tuple[Token, Any]] = {}
 
         def take(seq: int, index: int) -> None:  # under the engine lock, right after the decode
@@ -978,7 +989,7 @@ class LlamaCppModel(BaseModel):
                 s.accept_all(p)
             began = clock()
             with self._engine_lock:
-                llama = self._batch_context(len(keys), per_seq)
+                llama = self._batch_context(len(keys), per_seq, len(keys))
             picks: dict[int, int] = {}  # per sequence: the token just sampled
 
             def first(seq: int, index: int) -> None:
