@@ -565,11 +565,11 @@ class LlamaCppModel(BaseModel):
                     j.error = exc
                 except BaseException as exc:
                     _interrupted([j], exc, me, interrupts)
-        took, rows = clock() - began, batch.n
+        took, n_rows = clock() - began, batch.n
         for j in decodes:  # a stream's decode time is its steps' (as with one alone)
             j.seconds = took
         for j in chunks:  # a prefill is charged its share of the rows, not its neighbours' prompts
-            j.seconds = took * len(j.tokens) / rows
+            j.seconds = took * len(j.tokens) / n_rows
 
     def _raise_if_ended(self, ctx: Context, when: str) -> None:
         """``Cancelled``/``DeadlineExceeded`` if ``ctx`` ended, ``ModelClosed`` ("model closed <when>")."""
