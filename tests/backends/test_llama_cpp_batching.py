@@ -200,6 +200,47 @@ def test_a_long_classify_gives_a_concurrent_stream_its_turns(model_path: Path) -
 
 
 @pytest.mark.parametrize("call", ["classify", "batch_generate"])
+def test_classify_and_batch_generate_decode_in_the_streams_steps(model_path: Path, call: str) -> None:
+    """Every decode of theirs is a work job of the streams' step loop, run after the
+    streams' tokens of its step; with a stream running, they share steps with it."""
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 20 + f"Case {i}." for i in range(3)]
+    with LlamaCppBackend().load_model(model_path, parallel_slots=2) as m:
+        run: Callable[[], list[Any]] = (
+            (lambda: m.classify(prompts)) if call == "classify"
+            else (lambda: m.batch_generate(prompts, max_tokens=8))
+        )
+        alone = run()
+        assert m._batch_ctx is not None
+        stats, batch = m._steps.stats, m._batch_ctx
+        work, decodes = stats.work, batch.decode_calls
+        assert run() == alone
+        # each of its decodes is a job (batch_generate's last one, with every prompt ended,
+        # only hands out the last tokens: no decode)
+        ran = batch.decode_calls - decodes
+        assert 0 < ran <= stats.work - work <= ran + (call == "batch_generate")
+
+        stream = m.generate("Count to fifty: one, two,", max_tokens=400)
+        next(stream)
+        got: list[list[Any]] = []
+        worker = threading.Thread(target=lambda: got.append(run()))
+        steps, work = stats.steps, stats.work
+        worker.start()
+        tokens = 0
+        for _ in stream:
+            tokens += 1
+            if not worker.is_alive():
+                break
+        worker.join()
+        stream.close()
+        assert got == [alone]  # its own context: the stream beside it changes nothing
+        ran = stats.work - work
+        # the stream's tokens went on in the steps that ran the batch's decodes
+        assert ran > 0 and tokens >= ran - 1
+        # one step per stream token: fewer steps than tokens and work jobs means some held both
+        assert stats.steps - steps < ran + tokens
+
+
+@pytest.mark.parametrize("call", ["classify", "batch_generate"])
 def test_a_deadline_stops_a_long_batch_inside_a_decode(model_path: Path, call: str) -> None:
     long = ["The quick brown fox jumps over the lazy dog. " * 100 + f"Case {i}." for i in range(3)]
     with LlamaCppBackend().load_model(model_path, engine_options={"prefix_cache": False}) as m:

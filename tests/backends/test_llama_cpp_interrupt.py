@@ -87,6 +87,39 @@ def test_ctrl_c_during_classify_and_batch_generate_leaves_the_model_whole(model:
     assert [ids(r.tokens) for r in model.batch_generate(prompts, cfg)] == answers
 
 
+def test_ctrl_c_in_the_main_thread_leaves_another_threads_classify_and_batch_generate_alone(
+    model: LlamaCppModel,
+) -> None:
+    """Their decodes are jobs of the step a main-thread stream may lead: the leader gives
+    the other thread its turn and waits, so a Ctrl-C meant for the stream never lands in them."""
+    prompts = [STORY * 20, "Hi", "Hello there " * 30]
+    cfg = GenerateConfig(max_tokens=6)
+    scores = model.classify(prompts)
+    answers = [ids(r.tokens) for r in model.batch_generate(prompts, cfg)]
+    stop = threading.Event()
+    same: list[bool] = []
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        while not stop.is_set():
+            try:
+                same.append(model.classify(prompts) == scores)
+                same.append([ids(r.tokens) for r in model.batch_generate(prompts, cfg)] == answers)
+            except Exception as exc:
+                errors.append(exc)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    try:
+        hits = ctrl_c_at_random(30, 0.3, lambda: ids(model.generate(STORY, max_tokens=48)), seed=4)
+    finally:
+        stop.set()
+        worker.join()
+    assert hits > 0
+    assert errors == []
+    assert same and all(same)
+
+
 @pytest.mark.parametrize("which", ["model", "exact"])
 def test_ctrl_c_in_the_main_thread_leaves_other_threads_streams_alone(
     which: str, request: pytest.FixtureRequest

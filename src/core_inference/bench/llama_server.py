@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -103,9 +104,15 @@ def download_command(version: str, dest: Path) -> list[str]:
             f"llama-cpp-python=={version}", "--dest", str(dest)]
 
 
+def cmake_flags() -> list[str]:
+    """Our flags, then ``CMAKE_ARGS`` from the environment: what llama-cpp-python's build
+    reads too, so both are built alike (the Makefile puts its no-AMX flags there)."""
+    return [*CMAKE_FLAGS, *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
+
+
 def configure_command(source: Path, build: Path) -> list[str]:
     """CMake configuring the vendored llama.cpp in ``source`` into ``build``."""
-    return ["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS]
+    return ["cmake", "-S", str(source), "-B", str(build), *cmake_flags()]
 
 
 def build_command(build: Path, jobs: int) -> list[str]:
@@ -129,7 +136,7 @@ def cpu_fingerprint() -> str:
 
 def stamp_for(version: str) -> str:
     """What the stamp file holds: another version, other flags or another CPU mean a rebuild."""
-    return json.dumps({"llama-cpp-python": version, "cmake": list(CMAKE_FLAGS), "cpu": cpu_fingerprint()},
+    return json.dumps({"llama-cpp-python": version, "cmake": cmake_flags(), "cpu": cpu_fingerprint()},
                       sort_keys=True)
 
 

@@ -389,7 +389,8 @@ class LlamaCppModel(BaseModel):
     def _run_step(self, decodes: list[Job], chunks: list[Job]) -> None:
         """One step (under the engine lock): one ``llama_decode`` carrying every stream's next
         token and the starting streams' prefill chunks; chunks that cannot ride in it get
-        decodes of their own after it.
+        decodes of their own after it. (The step's work jobs, ``classify`` and
+        ``batch_generate`` decodes of the batch context, run after this: ``Steps._turns``.)
 
         With ``batch_invariant`` a chunk rides only where llama.cpp's micro-batches give each
         of its pieces two rows or more (``_packable``), so its logits are its prompt's alone.
@@ -790,9 +791,9 @@ class LlamaCppModel(BaseModel):
         that holds a prompt's last position, with that position's batch index (only the
         last decode's outputs are readable). A prefix that every prompt shares (an
         instruction, few-shot examples) is decoded once, in sequence 0, and copied to the
-        others with llama.cpp's own sequence copy. The engine lock is taken per decode, so
-        streams get their steps in between, and each decode is armed: the call's deadline
-        or cancel stops it inside llama.cpp.
+        others with llama.cpp's own sequence copy. Each decode is a work job of the streams'
+        step loop (``_in_step``), so streams get their tokens in between, and each is armed:
+        the call's deadline or cancel stops it inside llama.cpp.
         """
         shared = self._shared_prefix(prompts)
         if shared:
@@ -814,12 +815,15 @@ class LlamaCppModel(BaseModel):
         self._decode_bodies(llama, bodies, ctx, me)
         self._raise_if_ended(ctx, "during prefill")
         batch = llama.batch
-        with self._engine_lock:
+
+        def last() -> None:
             batch.clear()
             outputs = [batch.add(p[-1], len(p) - 1, seq, True) for seq, p in enumerate(prompts)]
             self._decode_armed(llama, me, ctx)
             for seq, index in enumerate(outputs):
                 take(seq, index)
+
+        self._in_step(ctx, len(prompts), last)
 
     def _pack_invariant(
         self,
@@ -856,7 +860,8 @@ class LlamaCppModel(BaseModel):
             ):
                 group.append(group[-1] + 1)
             self._raise_if_ended(ctx, "during prefill")
-            with self._engine_lock:
+
+            def decode(group: list[int] = group) -> None:
                 batch.clear()
                 ends = {}
                 for s in group:
@@ -866,6 +871,8 @@ class LlamaCppModel(BaseModel):
                 self._decode_armed(llama, me, ctx)
                 for s, index in ends.items():
                     take(s, index)
+
+            self._in_step(ctx, len(group) * size, decode)
             seq = group[-1] + 1
 
     def _decode_pieces(
@@ -884,14 +891,23 @@ class LlamaCppModel(BaseModel):
         while pos < n:
             end = _piece_end(pos, n, llama.n_batch)
             self._raise_if_ended(ctx, "during prefill")
-            with self._engine_lock:
+
+            def decode(pos: int = pos, end: int = end) -> None:
                 batch.clear()
                 for p in range(pos, end):
                     index = batch.add(tokens[p], p, seq, take is not None and p == n - 1)
                 self._decode_armed(llama, me, ctx)
                 if take is not None and end == n:
                     take(seq, index)
+
+            self._in_step(ctx, end - pos, decode)
             pos = end
+
+    def _in_step(self, ctx: Context, rows: int, decode: Callable[[], None]) -> None:
+        """Run ``decode`` (one decode of the batch context and what reads its outputs) in
+        this thread as a work job of the streams' step loop: in a step, after the streams'
+        tokens, with its ``rows`` charged to the step's prefill budget."""
+        self._steps.work(rows, ctx, decode)
 
     def _shared_prefix(self, prompts: list[list[int]]) -> int:
         """How many first tokens all ``prompts`` share, when worth decoding once (else 0)."""
@@ -912,11 +928,15 @@ class LlamaCppModel(BaseModel):
         batch = llama.batch
         for start in range(0, len(bodies), llama.n_batch):
             self._raise_if_ended(ctx, "during prefill")
-            with self._engine_lock:
+            rows = bodies[start : start + llama.n_batch]
+
+            def decode(rows: list[tuple[int, int, int]] = rows) -> None:
                 batch.clear()
-                for seq, pos, t in bodies[start : start + llama.n_batch]:
+                for seq, pos, t in rows:
                     batch.add(t, pos, seq, False)
                 self._decode_armed(llama, me, ctx)
+
+            self._in_step(ctx, len(rows), decode)
 
     def _batch_generate(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
@@ -1000,32 +1020,36 @@ class LlamaCppModel(BaseModel):
             rec.prefill_done(rec.prompt_tokens + sum(map(len, prompts)))
             live = {seq: len(prompts[seq]) for seq in range(len(keys))}  # per sequence: its next position
             seq_end = min(llama.per_seq, self.context_len)  # as generate: no position past the context
+            def step() -> None:
+                """One decode of every live prompt's next token (in a step's turn)."""
+                nonlocal picks, live
+                began = clock()
+                llama.batch.clear()
+                nxt, rows = {}, {}
+                for seq, tid in picks.items():
+                    key, pos = keys[seq], live[seq]
+                    fin = finishers[key]
+                    if self._model.is_eog(tid):
+                        tokens[key] += fin.end()
+                        continue
+                    tokens[key] += fin.push(tid, self._model.piece(tid))
+                    if fin.finish_reason is not None:
+                        continue
+                    if pos + 1 >= seq_end:
+                        tokens[key] += fin.end("context_full")
+                        continue
+                    rows[seq], nxt[seq] = llama.batch.add(tid, pos, seq, True), pos + 1
+                if nxt:
+                    self._decode_armed(llama, me, ctx)
+                picks = {seq: samplers[seq].sample(llama, row) for seq, row in rows.items()}
+                for seq in set(live) - set(nxt):
+                    llama.clear_seq(seq)
+                live = nxt
+                rec.decode_duration = (rec.decode_duration or 0.0) + clock() - began
+
             while live:
                 self._raise_if_ended(ctx, "during batch_generate")
-                with self._engine_lock:
-                    began = clock()
-                    llama.batch.clear()
-                    nxt, rows = {}, {}
-                    for seq, tid in picks.items():
-                        key, pos = keys[seq], live[seq]
-                        fin = finishers[key]
-                        if self._model.is_eog(tid):
-                            tokens[key] += fin.end()
-                            continue
-                        tokens[key] += fin.push(tid, self._model.piece(tid))
-                        if fin.finish_reason is not None:
-                            continue
-                        if pos + 1 >= seq_end:
-                            tokens[key] += fin.end("context_full")
-                            continue
-                        rows[seq], nxt[seq] = llama.batch.add(tid, pos, seq, True), pos + 1
-                    if nxt:
-                        self._decode_armed(llama, me, ctx)
-                    picks = {seq: samplers[seq].sample(llama, row) for seq, row in rows.items()}
-                    for seq in set(live) - set(nxt):
-                        llama.clear_seq(seq)
-                    live = nxt
-                    rec.decode_duration = (rec.decode_duration or 0.0) + clock() - began
+                self._in_step(ctx, len(live), step)
         finally:
             for s in samplers:
                 s.free()

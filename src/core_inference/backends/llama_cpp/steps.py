@@ -10,6 +10,13 @@ generating and the prefill chunks of streams that are starting, up to a token bu
 (the model's ``_run_step``). A prompt's chunks are cut at fixed positions whatever the
 load; with ``batch_invariant`` a chunk rides in the step's decode only where llama.cpp's
 micro-batches leave its logits what they are alone, else it gets a decode of its own.
+
+``classify`` and ``batch_generate`` post their decodes here too, as work jobs (``work``):
+they decode a context of their own, so they cannot ride in the streams' decode, but they
+share the step's token budget with the streams' prefill chunks and run in the step, after
+the streams' tokens. One queue decides who goes next, and a call whose context ends while
+its job waits leaves the queue at once. The leader does not run another thread's work: it
+gives that thread its turn and waits (so a Ctrl-C lands only in its own thread's work).
 """
 
 from __future__ import annotations
@@ -106,7 +113,8 @@ def _held_lock() -> threading.Lock:
 
 @dataclass(eq=False)
 class Job:
-    """One stream's request for the next step: a prefill chunk, or one token to decode.
+    """One stream's request for the next step: a prefill chunk, or one token to decode;
+    or a decode of ``classify``/``batch_generate`` (``work``, ``rows`` rows).
 
     ``sample`` asks for the next token after the job's last position (the last chunk
     of a prompt, and every decode). The leader fills ``token`` or ``error`` and
@@ -122,6 +130,10 @@ class Job:
     watched: object | None = None  # the prefill watcher's key: this chunk's decode may be aborted
     reset: bool = False  # empty the sequence from ``pos`` on before this chunk (its first)
     want_logits: bool = False  # copy out the logits row the token is sampled from (classify)
+    work: Callable[[], None] | None = None  # a decode of another context, run in the step by its thread
+    rows: int = 0  # a work job's rows, charged to the step's prefill budget
+    turn: bool = False  # a work job's thread may run it now (the leader waits for ``finished``)
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)  # work run, or given up
     token: int = -1
     logits: Any = None
     error: BaseException | None = None
@@ -137,6 +149,11 @@ class Job:
         """A stream's next token (the step's shared decode), not a prefill chunk."""
         return len(self.tokens) == 1 and self.sample and self.watched is None and not self.reset
 
+    @property
+    def size(self) -> int:
+        """The rows the job puts in its step: a chunk's tokens, or a work job's rows."""
+        return self.rows if self.work is not None else len(self.tokens)
+
 
 @dataclass
 class StepStats:
@@ -148,13 +165,14 @@ class StepStats:
     packed: int = 0  # prefill chunks that rode in a step's one decode (beside streams or other chunks)
     filled: int = 0  # filler rows that kept a step's streams one micro-batch across a free sequence
     redone: int = 0  # steps whose one decode failed as a whole and was decoded again job by job
+    work: int = 0  # classify/batch_generate decodes run in a step's turn
 
 
 class Steps:
     """The step loop of one llama.cpp context, run by whichever caller needs a token next.
 
     ``run_step(decodes, chunks)`` does a step's engine work under the engine lock (the
-    model's, so ``classify``/``batch_generate`` take turns with steps).
+    model's); ``chunks`` holds the step's work jobs too, after the prefill chunks.
     """
 
     def __init__(
@@ -229,13 +247,23 @@ class Steps:
                             continue
                         self._busy = leading = True
                         self._take()
-                if follow:
-                    job.wake.acquire(timeout=0.05)  # at most this long between checks of its context
-                else:
+                if not follow:
                     self._lead()
+                elif job.turn and not job.finished.is_set():
+                    _own_turn(job)  # a work job: the leader holds the engine for it meanwhile
+                else:
+                    job.wake.acquire(timeout=0.05)  # at most this long between checks of its context
         except BaseException:
             self._withdraw(job, leading)
             raise
+
+    def work(self, rows: int, ctx: Context, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a decode of ``rows`` rows on another context, and what reads its
+        outputs) in this thread, in a step; its error is raised here. ``fn`` must not take
+        the engine lock: the step holds it for ``fn``."""
+        job = self.run(Job(-1, [], 0, False, None, ctx, work=fn, rows=rows))
+        if job.error is not None:
+            raise job.error
 
     def _wake(self, job: Job) -> None:
         """Wake the thread of ``job`` (the lock is held)."""
@@ -262,6 +290,7 @@ class Steps:
         with self._lock:
             if job in self._pending:
                 self._pending.remove(job)
+            job.finished.set()  # a work job's turn, if given, is given up: the leader waits no more
             if leading:
                 self._end_step()
             # taken by another leader: wait for its step, so the caller does not clear its
@@ -290,8 +319,9 @@ class Steps:
         return False
 
     def _take(self) -> None:
-        """This step's jobs into ``_taken``: every pending decode, then prefill chunks up to the
-        budget (FIFO). Nothing is changed until the last lines, which make no calls."""
+        """This step's jobs into ``_taken``: every pending decode, then prefill chunks and work
+        jobs up to the budget (FIFO; the work jobs run last). Nothing is changed until the
+        last lines, which make no calls."""
         decodes: list[Job] = []
         chunks: list[Job] = []
         budget = self._budget
@@ -299,11 +329,12 @@ class Steps:
         for job in self._pending:
             if job.decoding:
                 decodes.append(job)
-            elif not chunks or budget >= len(job.tokens):
+            elif not chunks or budget >= job.size:
                 chunks.append(job)  # the first chunk always goes, whatever its size
-                budget -= len(job.tokens)
+                budget -= job.size
             else:
                 rest.append(job)
+        chunks.sort(key=lambda j: j.work is not None)  # work jobs last (stable: FIFO otherwise)
         taken = decodes + chunks
         served = {j.seq for j in taken} & self._members
         self._taken, self._pending, self._served = taken, rest, served
@@ -312,9 +343,19 @@ class Steps:
     def _lead(self) -> None:
         taken = self._taken
         decodes, chunks = taken[: self._n_decodes], taken[self._n_decodes :]
+        works = [j for j in chunks if j.work is not None]
+        chunks = [j for j in chunks if j.work is None]
         try:
             with self._engine_lock:
-                self._run_step(decodes, chunks)
+                try:
+                    if decodes or chunks:
+                        self._run_step(decodes, chunks)
+                except Exception:
+                    raise  # the step failed as a whole: its work jobs get the error below
+                except BaseException:  # Ctrl-C in the leader: other threads' work still gets its turn
+                    self._turns(works)
+                    raise
+                self._turns(works)
         except Exception as exc:  # the step as a whole failed: every job of it gets the error
             for j in taken:
                 if j.error is None and j.token < 0:
@@ -331,6 +372,55 @@ class Steps:
         st.steps += 1
         st.widest = max(st.widest, len(decodes))
         st.shared += len(decodes) > 1
+        st.work += len(works)
+
+    def _turns(self, works: list[Job]) -> None:
+        """Each work job's turn, in order (the engine lock is held): the leader runs its own;
+        another thread's is handed to that thread, and the leader waits for it to finish.
+
+        A Ctrl-C in the leader's thread waits too (that thread's decode holds the engine)
+        and is raised once every turn is over; a work job whose thread left first (its own
+        Ctrl-C, or its context ending) is skipped.
+        """
+        held: list[BaseException] = []
+        for j in works:
+            while True:  # a Ctrl-C landing anywhere in here waits for the turn to be over
+                try:
+                    self._turn(j)
+                    break
+                except BaseException as exc:
+                    held.append(exc)
+        if held:
+            raise held[0]
+
+    def _turn(self, job: Job) -> None:
+        """One work job's turn: run here if it is the leader's own, else handed over and
+        waited for. Safe to call again after an interrupt: it picks up where it was."""
+        if job.thread == threading.get_ident():
+            if not job.finished.is_set():
+                _own_turn(job)
+            return
+        with self._lock:
+            if not job.finished.is_set() and not job.turn:
+                job.turn = True
+                self._wake(job)
+        while not job.finished.wait(0.05):
+            pass
+
+
+def _own_turn(job: Job) -> None:
+    """Run a work job in its own thread: its error is its own (and a Ctrl-C is raised on)."""
+    assert job.work is not None
+    try:
+        job.work()
+        job.token = 0  # done: a work job samples nothing of the step's
+    except Exception as exc:
+        job.error = exc
+    except BaseException as exc:
+        job.error = exc
+        raise
+    finally:
+        job.finished.set()
 
 
 __all__ = ["FairLock", "Job", "StepStats", "Steps"]
