@@ -348,8 +348,8 @@ class Steps:
         try:
             with self._engine_lock:
                 try:
-                    if decodes or chunks:
-                        self._run_step(decodes, chunks)
+                    # also with only work jobs: it raises ModelClosed once the model is closed
+                    self._run_step(decodes, chunks)
                 except Exception:
                     raise  # the step failed as a whole: its work jobs get the error below
                 except BaseException:  # Ctrl-C in the leader: other threads' work still gets its turn
