@@ -61,7 +61,10 @@ class VllmServer:
             [str(VLLM), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
              "--host", "127.0.0.1", "--port", str(self.port),
              "--served-model-name", "tiny", "--max-model-len", "16384", "--max-num-seqs", "8",
-             "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)],
+             "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20),
+             # bfloat16 (vLLM's CPU default) takes Intel AMX kernels where the CPU lists AMX,
+             # which stopped the engine with SIGILL in the Xeon VM we test on
+             "--dtype", "float32"],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,  # its engine and worker processes are stopped with it
         )

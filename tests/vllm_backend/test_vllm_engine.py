@@ -26,9 +26,13 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 
 def load(folder: Path, **kw: Any) -> Any:
+    """The tiny model in float32: vLLM's CPU build runs bfloat16 (its default here) through
+    Intel AMX where the CPU lists it, and in the Xeon VM we test on AMX gave a SIGILL at
+    ``tilezero`` or tokens that changed from run to run (tensor parallel and seeds differed)."""
     from core_inference.backends.vllm import VllmBackend
 
     kw.setdefault("context_len", CONTEXT)
+    kw["engine_options"] = {"dtype": "float32", **kw.get("engine_options", {})}
     return VllmBackend().load_model(folder, **kw)
 
 
