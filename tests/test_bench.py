@@ -192,7 +192,8 @@ def test_quick_bench_runs_every_row_end_to_end(tmp_path: Path) -> None:
         "core": {"contract_generate", "import_time"},
         "llama_cpp": {"decode", "decode_overhead", "ttft", "batch_generate", "classify", "load"},
         "llama_cpp_batching": {"concurrent_4", "concurrent_16", "inter_token_16", "deadline_long_prompts",
-                               "chat_turns", "interleaved_chats_4", "classify_shared_prefix"},
+                               "stall_beside_long_prompts", "chat_turns", "interleaved_chats_4",
+                               "classify_shared_prefix"},
         # on the converted default; the cuda rows run on an NVIDIA GPU, else are listed as not run
         "torch": {"decode", "batch_generate", "classify", "concurrent",
                   "cuda_classify", "cuda_batch_generate"},

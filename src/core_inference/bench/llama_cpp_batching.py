@@ -2,7 +2,8 @@
 
 Concurrent streams against ``batch_generate`` on the same prompts and model, the
 slowest stream's time between tokens among 16 against one stream alone, how soon a
-deadline ends a ``classify`` or ``batch_generate`` of 1,000-token prompts, and prefix
+deadline ends a ``classify`` or ``batch_generate`` of 1,000-token prompts, how long a
+stream waits beside them (against beside another stream's long prompt), and prefix
 reuse: a chat's turn 4 against its turn 1 (and against llama-cpp-python's kept cache),
 4 chats interleaved, classify behind a shared instruction. The reference each target
 names is measured in the same run.
@@ -178,6 +179,62 @@ def deadline_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
         targets=[Target(cls, "<=", 0.3), Target(bat, "<=", 0.3)],
         note="from the call to its DeadlineExceeded (the deadline itself included)",
         info={"prompt_tokens": len(model.tokenize(text)), "deadline_s": DEADLINE},
+    )
+
+
+def stall_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
+    """A stream's longest wait between two tokens while a ``classify`` or ``batch_generate`` of
+    1,000-token prompts runs beside it, against the same while another stream prefills one."""
+    from .. import load_model
+
+    model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
+                                           parallel_slots=2, engine_options={"prefix_cache": False}))
+    size = 32 if cfg.quick else LONG_PROMPT_TOKENS
+    words = PARAGRAPH.split()
+    text = " ".join(words[i % len(words)] for i in range(size))
+    while len(model.tokenize(text)) > size:
+        text = text.rsplit(" ", 1)[0]
+    prompts = [text, text + " Again.", text + " Once more."]
+
+    def longest_gap(beside: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
+            stream = model.generate("Count to two hundred: one, two, three,", max_tokens=2000)
+            try:
+                next(stream)
+                worker = threading.Thread(target=beside)
+                worker.start()
+                last, worst = time.perf_counter(), 0.0
+                for _ in stream:
+                    now = time.perf_counter()
+                    worst, last = max(worst, now - last), now
+                    if not worker.is_alive():
+                        break
+                worker.join()
+            finally:
+                stream.close()
+            return worst
+
+        return run
+
+    cls, bat = "ours: beside classify", "ours: beside batch_generate"
+    ref = "ours: beside another stream's prompt"
+    return Row(
+        key="stall_beside_long_prompts",
+        title=f"a stream's longest wait between tokens beside 3 prompts of {size} tokens (s)",
+        unit="s",
+        sides=[
+            Side(cls, longest_gap(lambda: model.classify(prompts)), True),
+            Side(bat, longest_gap(lambda: model.batch_generate(prompts, max_tokens=8)), True),
+            Side(ref, longest_gap(lambda: list(model.generate(prompts[0], max_tokens=1))), True),
+        ],
+        reference=ref,
+        higher_is_better=False,
+        targets=[],
+        note="classify and batch_generate decode in the streams' steps, within the same prefill "
+             "budget per step as a starting stream's chunk, so a stream waits about as long beside "
+             "them as beside another stream's long prompt (it waited 5.9 s and 4.6 s when they held "
+             "the engine for their whole prefill)",
+        info={"prompt_tokens": len(model.tokenize(text)), "prompts": len(prompts)},
     )
 
 
@@ -366,6 +423,7 @@ def _rows(cfg: BenchConfig) -> Iterator[Row]:
         lambda s: concurrency_row(path, cfg, s, 16),
         lambda s: inter_token_row(path, cfg, s, 16),
         lambda s: deadline_row(path, cfg, s),
+        lambda s: stall_row(path, cfg, s),
         lambda s: chat_turns_row(path, cfg, s),
         lambda s: interleaved_chats_row(path, cfg, s),
         lambda s: classify_prefix_row(path, cfg, s),
@@ -388,5 +446,5 @@ SUITE = Suite(
 
 __all__ = [
     "SUITE", "chat_turns_row", "classify_prefix_row", "concurrency_row", "deadline_row",
-    "inter_token_row", "interleaved_chats_row",
+    "inter_token_row", "interleaved_chats_row", "stall_row",
 ]
