@@ -67,6 +67,31 @@ def ctrl_c_at_random(rounds: int, within: float, body: Callable[[], object], see
     return hits
 
 
+def interrupt_main_beside(
+    other: Callable[[], object], body: Callable[[], object], seed: int
+) -> tuple[int, list[BaseException]]:
+    """``other`` over and over in a thread of its own while the main thread runs ``body`` 30
+    times under random Ctrl-Cs: how many Ctrl-Cs hit, and what ``other`` raised."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                other()
+            except Exception as exc:
+                errors.append(exc)
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        hits = ctrl_c_at_random(30, 0.3, body, seed=seed)
+    finally:
+        stop.set()
+        worker.join()
+    return hits, errors
+
+
 def test_ctrl_c_at_any_moment_of_a_stream_leaves_the_model_whole(model: LlamaCppModel) -> None:
     cfg = GenerateConfig(max_tokens=12)
     before = ids(model.generate(QUESTION, cfg))
@@ -96,25 +121,13 @@ def test_ctrl_c_in_the_main_thread_leaves_another_threads_classify_and_batch_gen
     cfg = GenerateConfig(max_tokens=6)
     scores = model.classify(prompts)
     answers = [ids(r.tokens) for r in model.batch_generate(prompts, cfg)]
-    stop = threading.Event()
     same: list[bool] = []
-    errors: list[BaseException] = []
 
     def other() -> None:
-        while not stop.is_set():
-            try:
-                same.append(model.classify(prompts) == scores)
-                same.append([ids(r.tokens) for r in model.batch_generate(prompts, cfg)] == answers)
-            except Exception as exc:
-                errors.append(exc)
+        same.append(model.classify(prompts) == scores)
+        same.append([ids(r.tokens) for r in model.batch_generate(prompts, cfg)] == answers)
 
-    worker = threading.Thread(target=other)
-    worker.start()
-    try:
-        hits = ctrl_c_at_random(30, 0.3, lambda: ids(model.generate(STORY, max_tokens=48)), seed=4)
-    finally:
-        stop.set()
-        worker.join()
+    hits, errors = interrupt_main_beside(other, lambda: ids(model.generate(STORY, max_tokens=48)), seed=4)
     assert hits > 0
     assert errors == []
     assert same and all(same)
@@ -127,24 +140,9 @@ def test_ctrl_c_in_the_main_thread_leaves_other_threads_streams_alone(
     m: LlamaCppModel = request.getfixturevalue(which)
     cfg = GenerateConfig(max_tokens=16)
     alone = ids(m.generate(QUESTION, cfg))
-    stop = threading.Event()
     answers: list[list[int]] = []
-    errors: list[BaseException] = []
-
-    def other() -> None:  # streams in a thread of its own while the main thread is interrupted
-        while not stop.is_set():
-            try:
-                answers.append(ids(m.generate(QUESTION, cfg)))
-            except Exception as exc:
-                errors.append(exc)
-
-    worker = threading.Thread(target=other)
-    worker.start()
-    try:
-        hits = ctrl_c_at_random(30, 0.3, lambda: ids(m.generate(STORY, max_tokens=48)), seed=3)
-    finally:
-        stop.set()
-        worker.join()
+    hits, errors = interrupt_main_beside(lambda: answers.append(ids(m.generate(QUESTION, cfg))),
+                                         lambda: ids(m.generate(STORY, max_tokens=48)), seed=3)
     assert hits > 0
     assert errors == []
     assert answers

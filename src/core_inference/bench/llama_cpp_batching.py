@@ -137,6 +137,15 @@ def inter_token_row(path: str, cfg: BenchConfig, stack: ExitStack, streams: int 
     )
 
 
+def _long_text(model: Any, size: int) -> str:
+    """Words of ``PARAGRAPH`` over and over, cut to at most ``size`` tokens."""
+    words = PARAGRAPH.split()
+    text = " ".join(words[i % len(words)] for i in range(size))
+    while len(model.tokenize(text)) > size:
+        text = text.rsplit(" ", 1)[0]
+    return text
+
+
 def deadline_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
     """Seconds from the start of a call with a 0.2 s deadline to its DeadlineExceeded."""
     from .. import Context, DeadlineExceeded, load_model
@@ -144,10 +153,7 @@ def deadline_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
     model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
                                            parallel_slots=2))
     size = 32 if cfg.quick else LONG_PROMPT_TOKENS
-    words = PARAGRAPH.split()
-    text = " ".join(words[i % len(words)] for i in range(size))
-    while len(model.tokenize(text)) > size:
-        text = text.rsplit(" ", 1)[0]
+    text = _long_text(model, size)
     prompts = [text, text + " Again.", text + " Once more."]
 
     def ended(call: Callable[[Context], object]) -> Callable[[], float]:
@@ -190,10 +196,7 @@ def stall_row(path: str, cfg: BenchConfig, stack: ExitStack) -> Row:
     model = stack.enter_context(load_model(path, backend="llama_cpp", threads=cfg.threads,
                                            parallel_slots=2, engine_options={"prefix_cache": False}))
     size = 32 if cfg.quick else LONG_PROMPT_TOKENS
-    words = PARAGRAPH.split()
-    text = " ".join(words[i % len(words)] for i in range(size))
-    while len(model.tokenize(text)) > size:
-        text = text.rsplit(" ", 1)[0]
+    text = _long_text(model, size)
     prompts = [text, text + " Again.", text + " Once more."]
 
     def longest_gap(beside: Callable[[], object]) -> Callable[[], float]:

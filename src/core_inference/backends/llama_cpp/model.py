@@ -1020,6 +1020,7 @@ class LlamaCppModel(BaseModel):
             rec.prefill_done(rec.prompt_tokens + sum(map(len, prompts)))
             live = {seq: len(prompts[seq]) for seq in range(len(keys))}  # per sequence: its next position
             seq_end = min(llama.per_seq, self.context_len)  # as generate: no position past the context
+
             def step() -> None:
                 """One decode of every live prompt's next token (in a step's turn)."""
                 nonlocal picks, live

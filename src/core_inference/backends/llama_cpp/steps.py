@@ -172,7 +172,7 @@ class Steps:
     """The step loop of one llama.cpp context, run by whichever caller needs a token next.
 
     ``run_step(decodes, chunks)`` does a step's engine work under the engine lock (the
-    model's); ``chunks`` holds the step's work jobs too, after the prefill chunks.
+    model's); the step's work jobs then run in turn, still under it (``_turns``).
     """
 
     def __init__(
