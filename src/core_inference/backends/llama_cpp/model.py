@@ -792,7 +792,7 @@ class LlamaCppModel(BaseModel):
         last decode's outputs are readable). A prefix that every prompt shares (an
         instruction, few-shot examples) is decoded once, in sequence 0, and copied to the
         others with llama.cpp's own sequence copy. Each decode is a work job of the streams'
-        step loop (``_in_step``), so streams get their tokens in between, and each is armed:
+        step loop (``Steps.work``), so streams get their tokens in between, and each is armed:
         the call's deadline or cancel stops it inside llama.cpp.
         """
         shared = self._shared_prefix(prompts)
@@ -823,7 +823,7 @@ class LlamaCppModel(BaseModel):
             for seq, index in enumerate(outputs):
                 take(seq, index)
 
-        self._in_step(ctx, len(prompts), last)
+        self._steps.work(len(prompts), ctx, last)
 
     def _pack_invariant(
         self,
@@ -872,7 +872,7 @@ class LlamaCppModel(BaseModel):
                 for s, index in ends.items():
                     take(s, index)
 
-            self._in_step(ctx, len(group) * size, decode)
+            self._steps.work(len(group) * size, ctx, decode)
             seq = group[-1] + 1
 
     def _decode_pieces(
@@ -900,14 +900,8 @@ class LlamaCppModel(BaseModel):
                 if take is not None and end == n:
                     take(seq, index)
 
-            self._in_step(ctx, end - pos, decode)
+            self._steps.work(end - pos, ctx, decode)
             pos = end
-
-    def _in_step(self, ctx: Context, rows: int, decode: Callable[[], None]) -> None:
-        """Run ``decode`` (one decode of the batch context and what reads its outputs) in
-        this thread as a work job of the streams' step loop: in a step, after the streams'
-        tokens, with its ``rows`` charged to the step's prefill budget."""
-        self._steps.work(rows, ctx, decode)
 
     def _shared_prefix(self, prompts: list[list[int]]) -> int:
         """How many first tokens all ``prompts`` share, when worth decoding once (else 0)."""
@@ -936,7 +930,7 @@ class LlamaCppModel(BaseModel):
                     batch.add(t, pos, seq, False)
                 self._decode_armed(llama, me, ctx)
 
-            self._in_step(ctx, len(rows), decode)
+            self._steps.work(len(rows), ctx, decode)
 
     def _batch_generate(
         self, prompts: list[str], cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
@@ -1050,7 +1044,7 @@ class LlamaCppModel(BaseModel):
 
             while live:
                 self._raise_if_ended(ctx, "during batch_generate")
-                self._in_step(ctx, len(live), step)
+                self._steps.work(len(live), ctx, step)
         finally:
             for s in samplers:
                 s.free()
