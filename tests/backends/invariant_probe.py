@@ -81,10 +81,11 @@ def answers(path: str) -> dict[str, Any]:
         for t in pool:
             t.join()
         twice = [ids(m.generate(ps[-1], max_tokens=8)), m.metrics().cached_prompt_tokens]
-        chat_out, chat_cached = [], []
+        chat_out, chat_cached, chat_prompts = [], [], []
         for c in chats:
             chat_out.append(ids(m.chat(c, max_tokens=8)))
             chat_cached.append(m.metrics().cached_prompt_tokens)
+            chat_prompts.append(m.metrics().prompt_tokens)
         second_out = ids(m.chat(second, max_tokens=8))
         second_cached = m.metrics().cached_prompt_tokens
         behind_cls = m.classify(behind, return_logits=True)
@@ -108,6 +109,7 @@ def answers(path: str) -> dict[str, Any]:
             "second_alone": second_alone,
             "second": second_out,
             "second_cached": second_cached,
+            "first_turn_prompt": chat_prompts[0],
             "behind_alone": behind_alone,
             "behind_batch": behind_batch,
             "behind_tokens": [r.token.id for r in behind_cls],

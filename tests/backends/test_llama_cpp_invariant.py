@@ -51,9 +51,10 @@ def test_prefixes_are_reused_and_answers_stay_the_prompt_alone(answers: dict[str
     # three chats behind one system prompt: the second and third copy it from the first
     assert answers["chat"] == answers["chat_alone"]
     assert answers["chat_cached"][0] < 10 and min(answers["chat_cached"][1:]) > 150, answers["chat_cached"]
-    # the next turn reuses the previous turn's prompt (not its answer, decoded a row at a time)
+    # the next turn reuses the previous turn's prompt and its answer: the answer's rows were
+    # decoded one at a time, and the one-row attention kernel gives them what a prefill gives
     assert answers["second"] == answers["second_alone"]
-    assert answers["second_cached"] > 150, answers["second_cached"]
+    assert answers["second_cached"] > answers["first_turn_prompt"] > 150, answers["second_cached"]
     # classify and batch_generate behind one instruction: it is decoded once and copied
     assert answers["behind_batch"] == answers["behind_alone"]
     assert answers["behind_tokens"] == [a[0] for a in answers["behind_alone"]]

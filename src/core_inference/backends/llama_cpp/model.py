@@ -251,9 +251,9 @@ class LlamaCppModel(BaseModel):
                 # A stream that ended in an error or a cancel inside a decode may have left cells
                 # the bookkeeping does not know of: such a sequence is not kept.
                 if took[0] >= 0:
-                    # batch-invariant: only the prompt is kept for reuse. The answer's cells came
-                    # from one-row decodes, whose attention takes another kernel than a prefill's
-                    self._give_seq(took[0], fed[: len(tokens)] if self._invariant else fed, clean)
+                    # the answer's cells too: with batch-invariant kernels a row decoded alone
+                    # gets what a prefill of it gets, so the next turn's answer is unchanged
+                    self._give_seq(took[0], fed, clean)
             finally:  # a Ctrl-C landing above must not leave the stream a member for good
                 member.close()
             rec.active_memory_bytes, rec.peak_memory_bytes = process_memory()
