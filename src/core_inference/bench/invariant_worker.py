@@ -6,8 +6,9 @@ talks to this worker over a pipe. The worker times each run itself, the call alo
 pipe and the JSON stay outside), so its figure compares with the in-process sides'.
 
 Protocol: one JSON object a line on stdin, ``{"op": "batch_generate" | "classify" |
-"streams", "prompts": [...], "max_tokens": n}`` ("streams": each prompt streamed by
-``generate`` in a thread of its own, all at once); one line back, ``{"units": n, "seconds": s}``
+"streams" | "first_token", "prompts": [...], "max_tokens": n}`` ("streams": each prompt
+streamed by ``generate`` in a thread of its own, all at once; "first_token": the first
+prompt's ``generate`` until its first token); one line back, ``{"units": n, "seconds": s}``
 (tokens, or sentences for classify).
 """
 
@@ -26,10 +27,11 @@ from .harness import BenchError
 class InvariantWorker:
     """The parent's handle: start the worker, send it runs, stop it."""
 
-    def __init__(self, path: str, threads: int, slots: int = 1) -> None:
+    def __init__(self, path: str, threads: int, slots: int = 1, **options: Any) -> None:
         env = dict(os.environ, GGML_CPU_TILED_MM="0")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "core_inference.bench.invariant_worker", path, str(threads), str(slots)],
+            [sys.executable, "-m", "core_inference.bench.invariant_worker", path, str(threads), str(slots),
+             json.dumps(options)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         if self._read() != {"ready": True}:
@@ -67,11 +69,11 @@ class InvariantWorker:
             self.proc.wait()
 
 
-def _serve(path: str, threads: int, slots: int, inp: TextIO, out: TextIO) -> None:
+def _serve(path: str, threads: int, slots: int, more: dict[str, Any], inp: TextIO, out: TextIO) -> None:
     from .. import load_model
     from .llama_cpp_batching import _streams
 
-    options = {"batch_invariant": True}
+    options = {**more, "batch_invariant": True}
     with load_model(path, backend="llama_cpp", threads=threads, parallel_slots=slots,
                     engine_options=options) as m:
         out.write(json.dumps({"ready": True}) + "\n")
@@ -88,6 +90,11 @@ def _serve(path: str, threads: int, slots: int, inp: TextIO, out: TextIO) -> Non
                     if not all(times):
                         raise RuntimeError("a stream gave no token")
                     units = sum(map(len, times))
+                elif req["op"] == "first_token":
+                    stream = m.generate(req["prompts"][0], max_tokens=1)
+                    next(stream)
+                    units = 1
+                    stream.close()
                 else:
                     units = len(m.classify(req["prompts"]))
                 reply: dict[str, Any] = {"units": units, "seconds": time.perf_counter() - began}
@@ -98,4 +105,4 @@ def _serve(path: str, threads: int, slots: int, inp: TextIO, out: TextIO) -> Non
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.stdin, sys.stdout)
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.stdin, sys.stdout)

@@ -280,6 +280,9 @@ def _ttft_row(model: Any, llm: Any, cfg: BenchConfig, stack: ExitStack, path: st
         if m is model:
             watched = f"ours: generate, prefill_chunk={chunk}, with a deadline (prefill watched)"
             sides.append(Side(watched, first_token(m, cancellable=True), True))
+    # no prefix cache there either: every timed call prefills the whole prompt
+    invariant = _invariant_worker(model, stack, prefix_cache=False)
+    sides.append(Side(INVARIANT_GENERATE, lambda: invariant.timed("first_token", [text])[1] * 1e3, True))
     eval_name = "Llama.eval(prompt tokens)"
     sides.append(Side(eval_name, engine_eval, False))
     return Row(
@@ -353,13 +356,15 @@ EXACT_BATCH = "ours: batch_generate, shared_decode=False (each prompt as alone)"
 EXACT_CLASSIFY = "ours: classify, shared_decode=False (each sentence as alone)"
 INVARIANT_BATCH = "ours: batch_generate, batch_invariant=True (packed, invariant kernels)"
 INVARIANT_CLASSIFY = "ours: classify, batch_invariant=True (packed, invariant kernels)"
+INVARIANT_GENERATE = "ours: generate, batch_invariant=True (invariant kernels)"
 
 
-def _invariant_worker(model: Any, stack: ExitStack) -> Any:
-    """The same model with ``batch_invariant=True``, in a worker process, stopped with the row."""
+def _invariant_worker(model: Any, stack: ExitStack, **options: Any) -> Any:
+    """The same model with ``batch_invariant=True`` (and ``options``), in a worker process,
+    stopped with the row."""
     from .invariant_worker import InvariantWorker
 
-    worker = InvariantWorker(model.path, model.threads)
+    worker = InvariantWorker(model.path, model.threads, **options)
     stack.callback(worker.close)
     return worker
 
