@@ -35,7 +35,10 @@ from .steps import FairLock, Job, Steps
 
 DEFAULT_CONTEXT = 8192  # used when the model's own is larger and none is asked for
 PREFILL_CHUNK = 512  # prompt tokens per prefill decode (one n_batch), cut at the same positions always
-MIN_PIECE = 2  # batch_invariant: a prompt's rows are never decoded one alone (attention takes another kernel)
+# batch_invariant: a prompt's rows are never decoded one alone. With flash attention off, one row
+# took another attention kernel; on the one-row flash kernel it no longer matters (a token
+# decoded alone equals its prefill), but the packing measured bit for bit was built on it
+MIN_PIECE = 2
 ROW_GROUP = 4  # a resumed prefill starts on a multiple of this many rows ...
 SAME_KERNEL_ROWS = 64  # ... and decodes at least this many (see _reuse_start)
 MIN_SHARED_PREFIX = 32  # shorter shared prefixes are prefilled again rather than copied between sequences
