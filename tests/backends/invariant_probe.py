@@ -65,6 +65,10 @@ def answers(path: str) -> dict[str, Any]:
         uneven_lengths = [24, 2, 2, 24]
         uneven_alone = [ids(ref.generate(p, max_tokens=n))
                         for p, n in zip(uneven, uneven_lengths, strict=True)]
+        # prompts continued after their answer: the next call finds the answer's cells kept
+        firsts = [text(n, 3 + n % 5) for n in (5, 40, 130, 300, 600)]
+        nexts = [f + ref.detokenize(ids(ref.generate(f, max_tokens=24))) + " and the" for f in firsts]
+        nexts_alone = [ids(ref.generate(p, max_tokens=12)) for p in nexts]
     uneven_run = ragged(path, uneven, uneven_lengths, **opts)
     with ci.load_model(path, engine_options={"batch_invariant": True}, **opts) as m:
         batch = [ids(r.tokens) for r in m.batch_generate(ps, max_tokens=8)]
@@ -88,6 +92,12 @@ def answers(path: str) -> dict[str, Any]:
             chat_prompts.append(m.metrics().prompt_tokens)
         second_out = ids(m.chat(second, max_tokens=8))
         second_cached = m.metrics().cached_prompt_tokens
+        nexts_out, nexts_cached, firsts_tokens = [], [], []
+        for f, p in zip(firsts, nexts, strict=True):
+            m.generate(f, max_tokens=24).text()
+            firsts_tokens.append(m.metrics().prompt_tokens)
+            nexts_out.append(ids(m.generate(p, max_tokens=12)))
+            nexts_cached.append(m.metrics().cached_prompt_tokens)
         behind_cls = m.classify(behind, return_logits=True)
         behind_cached = m.metrics().cached_prompt_tokens
         behind_equal = [vec(r.logits) == g for r, g in zip(behind_cls, behind_logits, strict=True)]
@@ -110,6 +120,10 @@ def answers(path: str) -> dict[str, Any]:
             "second": second_out,
             "second_cached": second_cached,
             "first_turn_prompt": chat_prompts[0],
+            "nexts_alone": nexts_alone,
+            "nexts": nexts_out,
+            "nexts_cached": nexts_cached,
+            "firsts_tokens": firsts_tokens,
             "behind_alone": behind_alone,
             "behind_batch": behind_batch,
             "behind_tokens": [r.token.id for r in behind_cls],

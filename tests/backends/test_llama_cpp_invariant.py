@@ -55,6 +55,10 @@ def test_prefixes_are_reused_and_answers_stay_the_prompt_alone(answers: dict[str
     # decoded one at a time, and the one-row attention kernel gives them what a prefill gives
     assert answers["second"] == answers["second_alone"]
     assert answers["second_cached"] > answers["first_turn_prompt"] > 150, answers["second_cached"]
+    # the same for prompts of 5 to 600 words continued after their 24-token answers
+    assert answers["nexts"] == answers["nexts_alone"]
+    cached, firsts = answers["nexts_cached"], answers["firsts_tokens"]
+    assert all(c > f for c, f in zip(cached, firsts, strict=True)), (cached, firsts)
     # classify and batch_generate behind one instruction: it is decoded once and copied
     assert answers["behind_batch"] == answers["behind_alone"]
     assert answers["behind_tokens"] == [a[0] for a in answers["behind_alone"]]
