@@ -114,3 +114,18 @@ def test_the_command_prints_the_folder(converted_default_model: Path, default_mo
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 1 and bad.stderr.startswith("error:"), bad.stderr
+
+
+def test_progress_false_draws_no_bar_and_leaves_transformers_bars_as_they_were(
+    default_model_file: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """transformers draws its GGUF reader's bar with tqdm directly and a bar while saving:
+    ``progress=False`` silences both, and transformers' own setting is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    out = convert_gguf(default_model_file, tmp_path / "quiet", progress=False)
+    err = capfd.readouterr().err
+    assert (out / "model.safetensors").is_file()
+    assert "it/s]" not in err and "%|" not in err, err[-800:]
+    assert hf_logging.is_progress_bar_enabled() == was

@@ -24,7 +24,9 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import AbstractContextManager, nullcontext, suppress
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,16 +137,21 @@ def convert_default_with(python: str | os.PathLike[str], timeout: float | None =
 
 def _convert_into(source: Path, work: Path, arch: str, file_template: str | None, progress: bool) -> None:
     try:
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:
+        raise _missing(exc) from exc
+    with nullcontext() if progress else _transformers_bars_off(hf_logging):
+        _convert_steps(source, work, arch, file_template, progress)
+
+
+def _convert_steps(source: Path, work: Path, arch: str, file_template: str | None, progress: bool) -> None:
+    try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-        from transformers.utils import logging as hf_logging
     except ImportError as exc:
         raise _missing(exc) from exc
     folder, name = str(source.parent), source.name
     say = _stderr if progress else _quiet
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         # dequantize=True: a plain dense float32 model (transformers 5 otherwise keeps the
         # weights in their GGUF blocks, which it cannot save as safetensors). Transformers
@@ -162,9 +169,6 @@ def _convert_into(source: Path, work: Path, arch: str, file_template: str | None
         raise _missing(exc) from exc
     except (ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
         raise ModelLoadError(f"transformers could not convert this GGUF: {exc}", path=source) from exc
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     template = getattr(tokenizer, "chat_template", None) or file_template or _TEMPLATES.get(arch)
     if template:
         tokenizer.chat_template = template
@@ -174,6 +178,27 @@ def _convert_into(source: Path, work: Path, arch: str, file_template: str | None
         model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
     del model
+
+
+@contextmanager
+def _transformers_bars_off(hf_logging: Any) -> Iterator[None]:
+    """No transformers progress bar while converting: its own bars follow ``hf_logging``,
+    but its GGUF reader draws one with ``tqdm`` directly (``modeling_gguf_pytorch_utils``),
+    so that module's ``tqdm`` is swapped for a silent one meanwhile."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    drawn = getattr(gguf_utils, "tqdm", None)
+    if drawn is not None:
+        setattr(gguf_utils, "tqdm", partial(drawn, disable=True))  # noqa: B010 (not re-exported)
+    try:
+        yield
+    finally:
+        if drawn is not None:
+            setattr(gguf_utils, "tqdm", drawn)  # noqa: B010
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _step(label: str, progress: bool, live: bool = True) -> AbstractContextManager[object]:
