@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 
 SETS = ("default", "invariant", "invariant_fa_off")
-WORDS = ("river valley green long stone house light morning quiet market bread window teacher "
-         "garden letter north").split()
+WORDS = ["river", "valley", "green", "long", "stone", "house", "light", "morning", "quiet", "market",
+         "bread", "window", "teacher", "garden", "letter", "north"]
 
 
 def prompts() -> list[str]:
@@ -38,24 +38,27 @@ def prompts() -> list[str]:
 
 def logits(kernels: str, out: str) -> None:
     """Child process: the prompts' logits under ``kernels``, saved to ``out`` (numpy)."""
+    from typing import Any
+
+    import llama_cpp.llama_cpp as L  # the C API module the engine calls through
     import numpy as np
 
     import core_inference as ci
-    from core_inference.backends.llama_cpp import engine
     from core_inference.default_model import default_model_path
 
     if kernels == "invariant_fa_off":
-        make = engine.L.llama_init_from_model
+        make = L.llama_init_from_model
 
-        def init(model: object, params: object) -> object:
-            params.flash_attn_type = engine.L.LLAMA_FLASH_ATTN_TYPE_DISABLED  # type: ignore[attr-defined]
-            params.type_v = 1  # type: ignore[attr-defined]  # GGML_TYPE_F16
+        def init(model: Any, params: Any) -> Any:
+            params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            params.type_v = 1  # GGML_TYPE_F16
             return make(model, params)
 
-        engine.L.llama_init_from_model = init
+        L.llama_init_from_model = init
     opts = {} if kernels == "default" else {"batch_invariant": True}
     with ci.load_model(str(default_model_path()), engine_options=opts, parallel_slots=1) as m:
-        rows = [np.asarray(m.classify([p], return_logits=True)[0].logits, dtype=np.float32) for p in prompts()]
+        rows = [np.asarray(m.classify([p], return_logits=True)[0].logits, dtype=np.float32)
+                for p in prompts()]
     np.save(out, np.stack(rows))
 
 
