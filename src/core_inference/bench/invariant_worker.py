@@ -71,7 +71,6 @@ class InvariantWorker:
 
 def _serve(path: str, threads: int, slots: int, more: dict[str, Any], inp: TextIO, out: TextIO) -> None:
     from .. import load_model
-    from .llama_cpp_batching import _streams
 
     options = {**more, "batch_invariant": True}
     with load_model(path, backend="llama_cpp", threads=threads, parallel_slots=slots,
@@ -79,29 +78,34 @@ def _serve(path: str, threads: int, slots: int, more: dict[str, Any], inp: TextI
         out.write(json.dumps({"ready": True}) + "\n")
         out.flush()
         for line in inp:
-            req = json.loads(line)
             try:
-                began = time.perf_counter()
-                if req["op"] == "batch_generate":
-                    results = m.batch_generate(req["prompts"], max_tokens=req["max_tokens"])
-                    units = sum(len(r.tokens) for r in results)
-                elif req["op"] == "streams":  # the batching suite's own, timed here
-                    times = _streams(m, req["prompts"], req["max_tokens"])
-                    if not all(times):
-                        raise RuntimeError("a stream gave no token")
-                    units = sum(map(len, times))
-                elif req["op"] == "first_token":
-                    stream = m.generate(req["prompts"][0], max_tokens=1)
-                    next(stream)
-                    units = 1
-                    stream.close()
-                else:
-                    units = len(m.classify(req["prompts"]))
-                reply: dict[str, Any] = {"units": units, "seconds": time.perf_counter() - began}
+                units, seconds = _run(m, json.loads(line))
+                reply: dict[str, Any] = {"units": units, "seconds": seconds}
             except Exception as exc:  # reported to the parent, which raises it as a BenchError
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             out.write(json.dumps(reply) + "\n")
             out.flush()
+
+
+def _run(m: Any, req: dict[str, Any]) -> tuple[int, float]:
+    """One request on the worker's model: its units and seconds, timed here."""
+    from .llama_cpp_batching import _streams
+    from .llama_cpp_suite import first_token_ms
+
+    if req["op"] == "first_token":  # timed as the ttft row's own sides are
+        return 1, first_token_ms(m, req["prompts"][0]) / 1e3
+    began = time.perf_counter()
+    if req["op"] == "batch_generate":
+        results = m.batch_generate(req["prompts"], max_tokens=req["max_tokens"])
+        units = sum(len(r.tokens) for r in results)
+    elif req["op"] == "streams":  # the batching suite's own, timed here
+        times = _streams(m, req["prompts"], req["max_tokens"])
+        if not all(times):
+            raise RuntimeError("a stream gave no token")
+        units = sum(map(len, times))
+    else:
+        units = len(m.classify(req["prompts"]))
+    return units, time.perf_counter() - began
 
 
 if __name__ == "__main__":
