@@ -620,3 +620,34 @@ def test_aclassify_and_abatch_generate(model: FakeModel) -> None:
     classified, batched = asyncio.run(run())
     assert classified == model.classify(prompts, return_logits=True)
     assert batched == model.batch_generate(prompts, max_tokens=3)
+
+
+def test_an_unclosed_model_is_freed_at_exit_before_its_engine_goes_down(tmp_path: Any) -> None:
+    """The exit hook frees models nobody closed before the hooks their engines registered
+    while loading (vLLM's and MLX's finalizers failed when left to the interpreter's teardown)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, warnings\n"
+        "from core_inference.testing import FakeBackend, FakeModel\n"
+        "engine_up = True\n"
+        "class Model(FakeModel):\n"
+        "    def _close_engine(self):\n"
+        "        print('freed with the engine', 'up' if engine_up else 'down', flush=True)\n"
+        "class Backend(FakeBackend):\n"
+        "    def _load(self, path, cfg):\n"
+        "        def down():\n"
+        "            global engine_up\n"
+        "            engine_up = False\n"
+        "        atexit.register(down)  # as an engine does while it loads\n"
+        "        return Model()\n"
+        f"model = Backend().load_model({str(tmp_path)!r})\n"
+        "print(''.join(t.text for t in model.generate('a b', max_tokens=2)), flush=True)\n"
+        "warnings.simplefilter('always')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "freed with the engine up", result.stdout
+    assert "Model was not closed" in result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import BackendUnavailable, ModelLoadError
 from .formats import is_url, sniff_format
+from .model import close_open_models_first_at_exit
 from .options import apply_load_opts
 from .protocols import TextModel
 from .types import LoadConfig
@@ -89,9 +90,11 @@ class BaseBackend:
         if not is_url(path) and not os.path.exists(path):
             raise ModelLoadError(f"{os.fspath(path)}: no such file or folder", path)
         try:
-            return self._load(os.fspath(path), cfg)
+            model = self._load(os.fspath(path), cfg)
         except ImportError as exc:
             raise BackendUnavailable(self.name, f"cannot import its engine: {exc}", self.extra) from exc
+        close_open_models_first_at_exit()
+        return model
 
     def _load(self, path: str, cfg: LoadConfig) -> TextModel:
         raise NotImplementedError

@@ -10,8 +10,11 @@ the result per call, ``err()``, the other of sync/async, and closing all live he
 
 from __future__ import annotations
 
+import atexit
+import sys
 import threading
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -91,6 +94,31 @@ class _Last:
         self.metrics = GenerateMetrics()
 
 
+_open_models: weakref.WeakSet[BaseModel] = weakref.WeakSet()
+
+
+def _close_open_models() -> None:
+    """At exit, free the models nobody closed, while their engines' threads still run.
+
+    Left to the interpreter's last teardown, an engine's own finalizers find its modules
+    half gone: vLLM's ``AsyncLLM.__del__`` raised ``TypeError: 'NoneType' object is not
+    callable``, and MLX arrays aborted the process (exit status 134).
+    """
+    for model in list(_open_models):
+        model._drop()
+
+
+def close_open_models_first_at_exit() -> None:
+    """Move the exit hook that frees unclosed models behind every hook registered so far.
+
+    Called once a model is loaded: ``atexit`` runs hooks last-registered first, so the models
+    are freed before the hooks that their engines registered while loading take the engines
+    down.
+    """
+    atexit.unregister(_close_open_models)
+    atexit.register(_close_open_models)
+
+
 class BaseModel:
     """Shared implementation of the ``TextModel`` contract."""
 
@@ -105,6 +133,7 @@ class BaseModel:
         self._freed = False
         self._tls = threading.local()
         self._loop: EngineLoop | None = None
+        _open_models.add(self)
 
     # -- what a backend implements -------------------------------------------------
 
@@ -354,13 +383,18 @@ class BaseModel:
         self.close()
 
     def __del__(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        """Free a model nobody closed, with a ``ResourceWarning`` (as an unclosed file gives)."""
         closed = getattr(self, "_closed", None)
         if closed is not None and not closed.is_set():
-            warnings.warn(
-                f"{type(self).__name__} was not closed; call close() or use 'with'",
-                ResourceWarning,
-                stacklevel=2,
-            )
+            if not sys.is_finalizing():  # the warnings machinery may be torn down by then
+                warnings.warn(
+                    f"{type(self).__name__} was not closed; call close() or use 'with'",
+                    ResourceWarning,
+                    stacklevel=3,
+                )
             closed.set()
             self._free()
 

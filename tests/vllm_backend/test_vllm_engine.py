@@ -237,6 +237,25 @@ def test_close_leaves_no_process_or_socket_behind(
     assert not {s for s in temp_sockets() - sockets_before if _UUID.fullmatch(s)}
 
 
+def test_a_process_that_never_closes_its_model_exits_cleanly(vllm_tiny: Path) -> None:
+    """Left to the interpreter's teardown, vLLM's ``AsyncLLM.__del__`` raised TypeError (its
+    modules half gone); the core's exit hook closes the model first."""
+    import subprocess
+    import sys
+
+    code = (
+        "from core_inference.backends.vllm import VllmBackend\n"
+        f"m = VllmBackend().load_model({str(vllm_tiny)!r}, context_len={CONTEXT}, "
+        "engine_options={'dtype': 'float32'})\n"
+        "print(len(list(m.generate('Hello', max_tokens=3))), flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3" in result.stdout.splitlines(), result.stdout[-3000:]  # vLLM logs to stdout too
+    assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 def test_engine_args_ask_for_raw_logits_unless_told_otherwise() -> None:
     """classify's logits need logprobs_mode="raw_logits" and max_logprobs=-1 (engine-wide);
     engine_args may override them, and vLLM's batch-sharded sampling refuses max_logprobs=-1."""

@@ -581,12 +581,10 @@ class LlamaCppModel(BaseModel):
         if self._closed.is_set():
             raise ModelClosed(f"model closed {when}")
 
-    def _decode_armed(
-        self, llama: Any, me: object | None, ctx: Context, held: list[BaseException] | None = None
-    ) -> None:
+    def _decode_armed(self, llama: Any, me: object | None, ctx: Context) -> None:
         """``llama.decode()`` that the watcher of call ``me`` may abort (under the engine lock)."""
         try:
-            self._decode_watched(llama, [] if me is None else [me], held)
+            self._decode_watched(llama, [] if me is None else [me], None)
         except self._engine.Aborted:
             self._raise_if_ended(ctx, "during prefill")
             raise  # not reached: only the watcher aborts, and only once the call has ended

@@ -11,13 +11,11 @@ attention mask and the positions), and ``batch_generate`` runs mlx-lm's
 
 from __future__ import annotations
 
-import atexit
 import gc
 import importlib
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
@@ -93,7 +91,6 @@ class MlxModel(BaseModel):
             self._closed.set()
             self._free()
             raise
-        _open_models.add(self)
         tokenizer: Any = self._tokenizer
         n = len(tokenizer)
         self.context_len = cfg.context_len or folder.context_length or DEFAULT_CONTEXT
@@ -551,7 +548,6 @@ class EngineThread:
 
 _engine_lock = threading.Lock()
 _engine: EngineThread | None = None
-_open_models: weakref.WeakSet[MlxModel] = weakref.WeakSet()
 
 
 def engine_thread() -> EngineThread:
@@ -560,18 +556,7 @@ def engine_thread() -> EngineThread:
     with _engine_lock:
         if _engine is None:
             _engine = EngineThread()
-            atexit.register(_close_open_models)
         return _engine
-
-
-def _close_open_models() -> None:
-    """At exit, free the models nobody closed while the engine thread still runs.
-
-    MLX arrays left for the interpreter's final teardown abort the process
-    ("terminate called without an active exception"), exit status 134.
-    """
-    for model in list(_open_models):
-        model.close()
 
 
 __all__ = ["EngineThread", "MlxModel", "engine_thread"]
