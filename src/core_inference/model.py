@@ -16,6 +16,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from typing import Any, TypeVar
 
 from .aio import AsyncBridge, EngineLoop, SyncBridge, pump_thread
@@ -105,15 +106,16 @@ def _close_open_models() -> None:
     callable``, and MLX arrays aborted the process (exit status 134).
     """
     for model in list(_open_models):
-        model._drop()
+        with suppress(Exception):  # one engine failing to free must not keep the others
+            model._drop()
 
 
 def close_open_models_first_at_exit() -> None:
     """Move the exit hook that frees unclosed models behind every hook registered so far.
 
-    Called once a model is loaded: ``atexit`` runs hooks last-registered first, so the models
-    are freed before the hooks that their engines registered while loading take the engines
-    down.
+    Called when a model is made and again once it is loaded: ``atexit`` runs hooks
+    last-registered first, so the models are freed before the hooks that their engines
+    registered while loading take the engines down.
     """
     atexit.unregister(_close_open_models)
     atexit.register(_close_open_models)
@@ -134,6 +136,7 @@ class BaseModel:
         self._tls = threading.local()
         self._loop: EngineLoop | None = None
         _open_models.add(self)
+        close_open_models_first_at_exit()  # again once loaded (BaseBackend.load_model)
 
     # -- what a backend implements -------------------------------------------------
 
