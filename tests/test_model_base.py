@@ -651,3 +651,43 @@ def test_an_unclosed_model_is_freed_at_exit_before_its_engine_goes_down(tmp_path
     assert result.stdout.splitlines()[-1] == "freed with the engine up", result.stdout
     assert "Model was not closed" in result.stderr
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_deadline_ends_the_wait_on_an_async_engine_when_it_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting on an async engine looks at the context every ``POLL`` seconds, or at its
+    deadline where that comes sooner: with a poll of 60 s, a 0.05 s deadline ends the call
+    while the engine still waits to give its first token (for up to 10 s), sync and async."""
+    from collections.abc import AsyncIterator
+
+    from core_inference import aio
+    from core_inference.testing import AsyncFakeModel
+
+    class Stalled(AsyncFakeModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+            self.gave = 0
+
+        async def _aengine_generate(
+            self, prompt: str, cfg: GenerateConfig, ctx: Context, rec: MetricsRecorder
+        ) -> AsyncIterator[Piece]:
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 10.0)
+            async for piece in super()._aengine_generate(prompt, cfg, ctx, rec):
+                self.gave += 1
+                yield piece
+
+    monkeypatch.setattr(aio, "POLL", 60.0)
+    with Stalled() as model:
+        with pytest.raises(DeadlineExceeded):
+            list(model.generate(PROMPT, max_tokens=3, ctx=Context.background().with_timeout(0.05)))
+        assert model.gave == 0
+
+        async def run() -> None:
+            ctx = Context.background().with_timeout(0.05)
+            async for _ in model.agenerate(PROMPT, max_tokens=3, ctx=ctx):
+                pass
+
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(run())
+        assert model.gave == 0
+        model.release.set()

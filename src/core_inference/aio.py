@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -70,6 +71,15 @@ class EngineLoop:
                 self.loop.close()
 
 
+def _poll(ctx: Context | None) -> float:
+    """How long to wait before looking at ``ctx`` again: ``POLL``, or less where its deadline
+    comes sooner, so that a deadline ends the wait when it passes, not up to ``POLL`` after."""
+    deadline = None if ctx is None else ctx.deadline
+    if deadline is None:
+        return POLL
+    return min(POLL, max(0.0, deadline - time.monotonic()))
+
+
 def wait_future(
     fut: concurrent.futures.Future[_T], ctx: Context | None, closed: threading.Event | None
 ) -> _T:
@@ -78,7 +88,7 @@ def wait_future(
         return fut.result()
     while True:
         try:
-            return fut.result(timeout=POLL)
+            return fut.result(timeout=_poll(ctx))
         except concurrent.futures.TimeoutError:
             pass
         if ctx is not None and ctx.done():
@@ -142,7 +152,7 @@ class AsyncBridge(AsyncIterator[_T]):
             raise StopAsyncIteration
         fut = asyncio.wrap_future(self._loop.submit(_next_or_end(self._agen)))
         while True:
-            done, _ = await asyncio.wait({fut}, timeout=POLL)
+            done, _ = await asyncio.wait({fut}, timeout=_poll(self._ctx))
             if done:
                 break
             if self._ctx.done() or self._closed.is_set():
