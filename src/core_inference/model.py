@@ -389,7 +389,11 @@ class BaseModel:
         self._drop()
 
     def _drop(self) -> None:
-        """Free a model nobody closed, with a ``ResourceWarning`` (as an unclosed file gives)."""
+        """Close a model nobody closed, with a ``ResourceWarning`` (as an unclosed file gives).
+
+        ``close()``, not ``_free()``: at exit a daemon thread may still be inside a call, and
+        the engine must outlive it (from ``__del__`` no call is left, so the two agree).
+        """
         closed = getattr(self, "_closed", None)
         if closed is not None and not closed.is_set():
             if not sys.is_finalizing():  # the warnings machinery may be torn down by then
@@ -398,8 +402,7 @@ class BaseModel:
                     ResourceWarning,
                     stacklevel=3,
                 )
-            closed.set()
-            self._free()
+            self.close()
 
     # -- for backends --------------------------------------------------------------
 
