@@ -264,6 +264,27 @@ def test_a_stream_left_open_at_exit_prints_nothing(model_path: Path) -> None:
     assert "LookupError" not in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_a_stream_still_running_at_exit_is_told_the_process_is_exiting(model_path: Path) -> None:
+    """A daemon thread's stream outlives the exit hook that stops llama.cpp's decode thread;
+    its next decode said "KV cache full or bad batch" (code -1), which it was not."""
+    code = (
+        "import sys, core_inference as ci\n"
+        "from core_inference.backends.llama_cpp import engine\n"
+        "m = ci.load_model(sys.argv[1])\n"
+        "s = iter(m.generate('The capital of France is', max_tokens=100))\n"
+        "next(s)\n"
+        "engine._DECODER._stop()  # what the exit hook does\n"
+        "try:\n"
+        "    next(s)\n"
+        "except ci.EngineError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "the process is exiting" in out.stdout and "KV cache" not in out.stdout, out.stdout
+
+
 def test_registering_a_backend_instance_type_checks() -> None:
     """``register(LlamaCppBackend())`` passes mypy --strict (this file is type-checked)."""
     from core_inference import registry

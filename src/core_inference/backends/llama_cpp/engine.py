@@ -243,6 +243,11 @@ class _DecodeThread:
         return call.rc
 
     @property
+    def stopped(self) -> bool:
+        """Whether the process is exiting and decodes are no longer run."""
+        return self._stopped
+
+    @property
     def started(self) -> bool:
         """Whether any decode was asked for in this process."""
         return self._thread is not None
@@ -419,6 +424,8 @@ class Context:
         rc = _DECODER.decode(self.ptr, self.batch.raw, self._abort_flag, held)
         if rc == 2 and self._abort_flag[0] != b"\x00":
             raise Aborted("llama_decode aborted")
+        if rc != 0 and _DECODER.stopped:
+            raise EngineError("llama_decode not run: the process is exiting (its decode thread has stopped)")
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc} (KV cache full or bad batch)")
 
