@@ -7,6 +7,7 @@ import gc
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -622,7 +623,7 @@ def test_aclassify_and_abatch_generate(model: FakeModel) -> None:
     assert batched == model.batch_generate(prompts, max_tokens=3)
 
 
-def test_an_unclosed_model_is_freed_at_exit_before_its_engine_goes_down(tmp_path: Any) -> None:
+def test_an_unclosed_model_is_freed_at_exit_before_its_engine_goes_down(tmp_path: Path) -> None:
     """The exit hook frees models nobody closed before the hooks their engines registered
     while loading (vLLM's and MLX's finalizers failed when left to the interpreter's teardown)."""
     import subprocess
