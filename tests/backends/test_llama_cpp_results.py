@@ -249,6 +249,14 @@ def test_ctrl_c_during_a_load_exits_the_cli_with_130(model_path: Path) -> None:
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
 
 
+def _script(code: str, model_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with the model's path as its argument; it must exit 0."""
+    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_a_stream_left_open_at_exit_prints_nothing(model_path: Path) -> None:
     """Found: the stream's cleanup ran at interpreter exit and read /proc with a text codec
     that was already gone ("LookupError: unknown encoding: ascii")."""
@@ -258,9 +266,7 @@ def test_a_stream_left_open_at_exit_prints_nothing(model_path: Path) -> None:
         "s = m.generate('The capital of France is', max_tokens=100)\n"
         "next(iter(s))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _script(code, model_path)
     assert "LookupError" not in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
@@ -279,9 +285,7 @@ def test_a_stream_still_running_at_exit_is_told_the_process_is_exiting(model_pat
         "except ci.EngineError as exc:\n"
         "    print(exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _script(code, model_path)
     assert "the process is exiting" in out.stdout and "KV cache" not in out.stdout, out.stdout
 
 
